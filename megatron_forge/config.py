@@ -1,0 +1,461 @@
+"""One typed configuration tree: YAML files map onto it 1:1, CLIs override ``section.key=value``.
+
+Each section checks its own fields in ``__post_init__``; rules that involve several
+sections or the world size live in :meth:`Config.validate`, which runs before anything
+is allocated or submitted. Every error names the field at fault and how to fix it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user-fixable problem in a config file, an override or a parallel layout."""
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass
+class ModelConfig:
+    family: Literal["llama", "mixtral"] = "llama"
+    """Model family: ``llama`` (dense) or ``mixtral`` (MoE). See megatron_forge/models/."""
+    num_layers: int = 2
+    hidden_size: int = 64
+    ffn_hidden_size: Optional[int] = None
+    """SwiGLU inner size; default: Llama's rule, 2/3 * 4 * hidden rounded up to 256."""
+    num_attention_heads: int = 4
+    num_query_groups: Optional[int] = None
+    """Key/value heads for grouped-query attention; default: num_attention_heads (MHA)."""
+    seq_length: int = 128
+    max_position_embeddings: Optional[int] = None
+    """Longest sequence the RoPE tables cover; default: seq_length."""
+    rotary_base: float = 10000.0
+    norm_epsilon: float = 1e-5
+    vocab_size: Optional[int] = None
+    """Tokenizer vocabulary; default: read from data.tokenizer. Padded for TP at build."""
+    make_vocab_size_divisible_by: int = 128
+    untie_embeddings: bool = True
+    """Separate output layer (Llama-2 style); false shares the input embedding."""
+    init_method_std: float = 0.02
+    num_experts: Optional[int] = None
+    """MoE experts per layer (mixtral); None for a dense model."""
+    moe_router_topk: int = 2
+    moe_aux_loss_coeff: float = 0.01
+    moe_ffn_hidden_size: Optional[int] = None
+    """Expert SwiGLU inner size; default: ffn_hidden_size."""
+    moe_token_dispatcher: Literal["alltoall", "allgather"] = "alltoall"
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length"):
+            _require(getattr(self, name) > 0, f"model.{name} must be positive")
+        if self.ffn_hidden_size is None:
+            self.ffn_hidden_size = 256 * -(-int(8 * self.hidden_size / 3) // 256)
+        if self.num_query_groups is None:
+            self.num_query_groups = self.num_attention_heads
+        if self.max_position_embeddings is None:
+            self.max_position_embeddings = self.seq_length
+        _require(
+            self.hidden_size % self.num_attention_heads == 0,
+            f"model.hidden_size={self.hidden_size} is not divisible by "
+            f"model.num_attention_heads={self.num_attention_heads}",
+        )
+        _require(
+            self.num_attention_heads % self.num_query_groups == 0,
+            f"model.num_attention_heads={self.num_attention_heads} is not divisible by "
+            f"model.num_query_groups={self.num_query_groups}",
+        )
+        _require(
+            self.seq_length <= self.max_position_embeddings,
+            f"model.seq_length={self.seq_length} exceeds model.max_position_embeddings="
+            f"{self.max_position_embeddings}; raise max_position_embeddings or shorten "
+            "seq_length",
+        )
+        if self.family == "mixtral":
+            _require(
+                self.num_experts is not None and self.num_experts > 1,
+                "model.family=mixtral needs model.num_experts >= 2",
+            )
+        else:
+            _require(
+                self.num_experts is None,
+                f"model.num_experts={self.num_experts} is set for family={self.family}; "
+                "use model.family=mixtral for MoE or remove num_experts",
+            )
+        if self.num_experts is not None:
+            _require(
+                1 <= self.moe_router_topk <= self.num_experts,
+                f"model.moe_router_topk={self.moe_router_topk} must be in "
+                f"[1, model.num_experts={self.num_experts}]",
+            )
+            if self.moe_ffn_hidden_size is None:
+                self.moe_ffn_hidden_size = self.ffn_hidden_size
+
+
+@dataclass
+class ParallelConfig:
+    tensor: int = 1
+    pipeline: int = 1
+    virtual_pipeline: Optional[int] = None
+    """Model chunks per pipeline rank (interleaved 1F1B); None for plain 1F1B."""
+    context: int = 1
+    expert: int = 1
+    sequence_parallel: bool = False
+    use_distributed_optimizer: bool = True
+    """ZeRO-1: shard optimizer state over data-parallel ranks."""
+
+    def __post_init__(self) -> None:
+        for name in ("tensor", "pipeline", "context", "expert"):
+            _require(getattr(self, name) >= 1, f"parallel.{name} must be >= 1")
+        if self.virtual_pipeline is not None:
+            _require(
+                self.virtual_pipeline >= 2 and self.pipeline >= 2,
+                "parallel.virtual_pipeline needs parallel.pipeline >= 2 and >= 2 chunks; "
+                "set virtual_pipeline: null to disable interleaving",
+            )
+        _require(
+            not self.sequence_parallel or self.tensor > 1,
+            "parallel.sequence_parallel=true requires parallel.tensor > 1; "
+            "set sequence_parallel: false or raise tensor",
+        )
+
+    @property
+    def model_parallel_size(self) -> int:
+        return self.tensor * self.pipeline * self.context
+
+
+@dataclass
+class DataConfig:
+    blend: list[Any] = field(default_factory=list)
+    """Dataset prefixes (``PREFIX_text_document``), optionally weighted:
+    ``[path]`` or ``[0.7, path_a, 0.3, path_b]`` (Megatron-LM's data_path format)."""
+    split: str = "98,2,0"
+    """Train/valid/test proportions of the blend."""
+    tokenizer: Optional[str] = None
+    """SentencePiece .model, HF tokenizer.json or a directory holding one."""
+    cache_dir: Optional[str] = None
+    """Where megatron-core writes its sample index cache; default: <logging.dir>/data_cache."""
+    eod_mask_loss: bool = False
+    """Exclude end-of-document tokens from the loss."""
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        parts = self.split.split(",")
+        _require(
+            len(parts) == 3 and all(p.strip().replace(".", "", 1).isdigit() for p in parts),
+            f"data.split={self.split!r} must be three comma-separated numbers like '98,2,0'",
+        )
+        if self.blend and not isinstance(self.blend[0], str):
+            _require(
+                len(self.blend) % 2 == 0
+                and all(isinstance(w, (int, float)) for w in self.blend[::2])
+                and all(isinstance(p, str) for p in self.blend[1::2]),
+                "data.blend must be [prefix, ...] or [weight, prefix, weight, prefix, ...]",
+            )
+
+    def prefixes_and_weights(self) -> tuple[list[str], Optional[list[float]]]:
+        """The blend as megatron-core's (prefixes, weights) pair."""
+        if not self.blend or isinstance(self.blend[0], str):
+            return list(self.blend), None
+        return list(self.blend[1::2]), [float(w) for w in self.blend[::2]]
+
+
+@dataclass
+class TrainConfig:
+    micro_batch_size: int = 2
+    global_batch_size: int = 8
+    train_iters: int = 100
+    seed: int = 1234
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    warmup_iters: int = 10
+    decay_style: Literal["cosine", "linear", "constant"] = "cosine"
+    decay_iters: Optional[int] = None
+    """Iterations over which lr decays to min_lr; default: train_iters."""
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    eval_interval: int = 0
+    """Evaluate on the validation split every N steps (0: never)."""
+    eval_iters: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("micro_batch_size", "global_batch_size"):
+            _require(getattr(self, name) >= 1, f"train.{name} must be >= 1")
+        _require(self.train_iters >= 0, "train.train_iters must be >= 0")
+        _require(self.lr >= self.min_lr >= 0, "train.min_lr must be in [0, train.lr]")
+        _require(
+            self.global_batch_size % self.micro_batch_size == 0,
+            f"train.global_batch_size={self.global_batch_size} is not divisible by "
+            f"train.micro_batch_size={self.micro_batch_size}",
+        )
+
+
+@dataclass
+class PrecisionConfig:
+    params_dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
+    fp8: Optional[Literal["hybrid", "e4m3"]] = None
+    """FP8 through Transformer Engine (needs CUDA + TE); None for no FP8."""
+    fp8_recipe: Literal["delayed", "tensorwise", "mxfp8"] = "delayed"
+    fp8_amax_history_len: int = 1024
+    fp8_amax_compute_algo: Literal["max", "most_recent"] = "max"
+
+
+@dataclass
+class CheckpointConfig:
+    save: Optional[str] = None
+    """Directory for iter_NNNNNNN/ checkpoints; None disables saving."""
+    load: Optional[str] = None
+    """Directory to load from (its latest_checkpointed_iteration.txt); None starts fresh."""
+    save_interval: int = 0
+    async_save: bool = True
+    load_optimizer: bool = True
+    """False loads weights only (start a new optimizer, e.g. from a converted HF model)."""
+
+
+@dataclass
+class LoggingConfig:
+    dir: str = "runs/default"
+    """Run directory: metrics.jsonl, resolved config, caches."""
+    log_interval: int = 1
+    wandb_project: Optional[str] = None
+    wandb_entity: Optional[str] = None
+    wandb_run_name: Optional[str] = None
+    wandb_mode: Literal["online", "offline", "disabled"] = "disabled"
+
+    def __post_init__(self) -> None:
+        _require(self.log_interval >= 1, "logging.log_interval must be >= 1")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def data_parallel_size(self, world_size: int) -> int:
+        """Data-parallel degree implied by the world size (after validate())."""
+        return world_size // self.parallel.model_parallel_size
+
+    def num_microbatches(self, world_size: int) -> int:
+        dp = self.data_parallel_size(world_size)
+        return self.train.global_batch_size // (self.train.micro_batch_size * dp)
+
+    def validate(
+        self, world_size: int, *, cuda_available: bool, te_available: bool
+    ) -> None:
+        """Check rules that involve the world size or several sections; raise ConfigError."""
+        m, p, t = self.model, self.parallel, self.train
+        mp = p.model_parallel_size
+        _require(
+            world_size % mp == 0,
+            f"world size {world_size} is not divisible by parallel.tensor x pipeline x "
+            f"context = {p.tensor} x {p.pipeline} x {p.context} = {mp}; world size must be "
+            "TP x PP x CP x DP",
+        )
+        dp = world_size // mp
+        _require(
+            m.num_attention_heads % p.tensor == 0,
+            f"model.num_attention_heads={m.num_attention_heads} is not divisible by "
+            f"parallel.tensor={p.tensor}",
+        )
+        _require(
+            m.num_query_groups % p.tensor == 0,
+            f"model.num_query_groups={m.num_query_groups} is not divisible by "
+            f"parallel.tensor={p.tensor}",
+        )
+        stages = p.pipeline * (p.virtual_pipeline or 1)
+        _require(
+            m.num_layers % stages == 0,
+            f"model.num_layers={m.num_layers} is not divisible by parallel.pipeline"
+            + (f" x virtual_pipeline = {stages}" if p.virtual_pipeline else f"={p.pipeline}"),
+        )
+        if p.virtual_pipeline:
+            num_mb = t.global_batch_size // (t.micro_batch_size * dp) if dp else 0
+            _require(
+                num_mb % p.pipeline == 0,
+                f"interleaved pipelining needs the number of microbatches ({num_mb}) to be a "
+                f"multiple of parallel.pipeline={p.pipeline}; adjust train.global_batch_size",
+            )
+        if p.expert > 1:
+            _require(
+                m.num_experts is not None,
+                f"parallel.expert={p.expert} needs an MoE model (model.num_experts)",
+            )
+            _require(
+                (dp * p.context) % p.expert == 0,
+                f"parallel.expert={p.expert} must divide data-parallel x context size "
+                f"= {dp} x {p.context}; experts are spread over those ranks",
+            )
+        if m.num_experts is not None:
+            _require(
+                m.num_experts % p.expert == 0,
+                f"model.num_experts={m.num_experts} is not divisible by "
+                f"parallel.expert={p.expert}",
+            )
+        _require(
+            t.global_batch_size % (t.micro_batch_size * dp) == 0,
+            f"train.global_batch_size={t.global_batch_size} is not divisible by "
+            f"train.micro_batch_size x data-parallel size = {t.micro_batch_size} x {dp}",
+        )
+        if p.context > 1:
+            _require(
+                m.seq_length % (2 * p.context) == 0,
+                f"model.seq_length={m.seq_length} must be divisible by 2 x parallel.context"
+                f" = {2 * p.context} (load-balanced context parallel)",
+            )
+        if self.precision.fp8 is not None:
+            _require(
+                cuda_available and te_available,
+                f"precision.fp8={self.precision.fp8} needs CUDA and Transformer Engine "
+                f"(CUDA available: {cuda_available}, Transformer Engine importable: "
+                f"{te_available}); set precision.fp8: null or install the [gpu] extra",
+            )
+        if not cuda_available:
+            _require(
+                self.precision.params_dtype == "fp32",
+                f"precision.params_dtype={self.precision.params_dtype} is not supported on "
+                "CPU; set precision.params_dtype=fp32",
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------
+# Loading: YAML + dotted overrides -> typed tree, with clear errors
+
+
+def _suggest(name: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
+    return f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(options)}"
+
+
+def _check_type(value: Any, hint: Any, where: str) -> Any:
+    """Return ``value`` checked (and int->float widened) against a type hint."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_type(value, arg, where)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0])
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        _require(value in choices, f"{where}={value!r} must be one of {list(choices)}")
+        return value
+    if origin is list:
+        _require(isinstance(value, list), f"{where}={value!r} must be a list")
+        return value
+    if hint is float:
+        if isinstance(value, str):  # PyYAML reads "1e-4" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        _require(ok, f"{where}={value!r} must be a number")
+        return float(value)
+    if hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        _require(ok, f"{where}={value!r} must be an integer")
+        return value
+    if hint is bool:
+        _require(isinstance(value, bool), f"{where}={value!r} must be true or false")
+        return value
+    if hint is str:
+        _require(isinstance(value, (str, int, float)), f"{where}={value!r} must be a string")
+        return str(value)
+    return value
+
+
+def _build_section(cls: type, values: dict[str, Any], where: str) -> Any:
+    _require(isinstance(values, dict), f"{where} must be a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        _require(key in names, f"unknown key '{where}.{key}'" + _suggest(key, names))
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build_section(hint, value or {}, f"{where}.{key}")
+        else:
+            kwargs[key] = _check_type(value, hint, f"{where}.{key}")
+    return cls(**kwargs)
+
+
+def from_dict(values: dict[str, Any]) -> Config:
+    """Build a validated-per-section Config from a nested dict (as read from YAML)."""
+    hints = typing.get_type_hints(Config)
+    names = list(hints)
+    sections = {}
+    for key, value in (values or {}).items():
+        _require(key in names, f"unknown section '{key}'" + _suggest(key, names))
+        _require(isinstance(value, dict), f"section '{key}' must be a mapping")
+        sections[key] = value
+    return Config(**{k: _build_section(hints[k], v, k) for k, v in sections.items()})
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` strings (values parsed as YAML) to a nested dict."""
+    values = {k: dict(v or {}) for k, v in (values or {}).items()}
+    valid_sections = list(typing.get_type_hints(Config))
+    for item in overrides:
+        _require(
+            "=" in item and "." in item.split("=", 1)[0],
+            f"override {item!r} must look like section.key=value (e.g. train.lr=1e-4)",
+        )
+        path, raw = item.split("=", 1)
+        section, key = path.split(".", 1)
+        _require(
+            section in valid_sections,
+            f"override {item!r}: unknown section '{section}'" + _suggest(section, valid_sections),
+        )
+        values.setdefault(section, {})[key] = yaml.safe_load(raw) if raw != "" else None
+    return values
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Read a YAML config (or defaults when ``path`` is None) and apply overrides."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        _require(path.is_file(), f"config file {path} does not exist")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML: {err}") from None
+        _require(isinstance(values, dict), f"{path} must hold a mapping of sections")
+    values = apply_overrides(values, overrides or [])
+    try:
+        return from_dict(values)
+    except ConfigError as err:
+        where = f"{path}: " if path is not None else ""
+        raise ConfigError(f"{where}{err}") from None

@@ -1,0 +1,126 @@
+"""Config -> megatron-core TransformerConfig, layer spec and GPTModel chunks."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import torch
+
+from megatron_forge.config import Config, ModelConfig
+from megatron_forge.models.llama.model import architecture as llama_architecture
+from megatron_forge.models.mixtral.model import architecture as mixtral_architecture
+
+FAMILIES: dict[str, Callable[[ModelConfig], dict[str, Any]]] = {
+    "llama": llama_architecture,
+    "mixtral": mixtral_architecture,
+}
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@functools.cache
+def transformer_engine_available() -> bool:
+    """True when Transformer Engine imports and a GPU is present (its spec needs CUDA)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel: int) -> int:
+    """Megatron-LM's padding: a multiple of divisible_by x TP, so each TP shard is even."""
+    multiple = divisible_by * tensor_parallel
+    return -(-vocab_size // multiple) * multiple
+
+
+def build_transformer_config(cfg: Config) -> Any:
+    """The megatron-core TransformerConfig for this run (architecture + layout + dtype)."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    on_gpu = torch.cuda.is_available()
+    dtype = DTYPES[cfg.precision.params_dtype]
+    p = cfg.parallel
+    fields = FAMILIES[cfg.model.family](cfg.model)
+    fields.update(
+        tensor_model_parallel_size=p.tensor,
+        pipeline_model_parallel_size=p.pipeline,
+        virtual_pipeline_model_parallel_size=p.virtual_pipeline,
+        context_parallel_size=p.context,
+        expert_model_parallel_size=p.expert,
+        sequence_parallel=p.sequence_parallel,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        # Loss is summed over tokens and divided once by the global token count
+        # (finalize_model_grads), so microbatches with different numbers of loss tokens
+        # are weighted correctly across microbatches and data-parallel ranks.
+        calculate_per_token_loss=True,
+        # Fused CUDA kernels; the unfused paths compute the same math.
+        bias_activation_fusion=on_gpu,
+        masked_softmax_fusion=on_gpu,
+        apply_rope_fusion=False,
+        persist_layer_norm=on_gpu,
+        gradient_accumulation_fusion=False,
+        use_cpu_initialization=not on_gpu,
+    )
+    if cfg.model.num_experts is not None:
+        fields["moe_grouped_gemm"] = transformer_engine_available()
+    if cfg.precision.fp8 is not None:
+        fields.update(
+            fp8=cfg.precision.fp8,
+            fp8_recipe=cfg.precision.fp8_recipe,
+            fp8_amax_history_len=cfg.precision.fp8_amax_history_len,
+            fp8_amax_compute_algo=cfg.precision.fp8_amax_compute_algo,
+        )
+    return TransformerConfig(**fields)
+
+
+def layer_spec(cfg: Config) -> Any:
+    """Transformer Engine's layer spec when TE is usable, megatron-core's local spec else."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    num_experts = cfg.model.num_experts
+    if transformer_engine_available():
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
+            num_experts=num_experts, moe_grouped_gemm=num_experts is not None
+        )
+    return gpt_layer_specs.get_gpt_layer_local_spec(
+        num_experts=num_experts, moe_grouped_gemm=False, normalization="RMSNorm"
+    )
+
+
+def build_model(cfg: Config, tf_config: Any, vocab_size: int) -> list[Any]:
+    """GPTModel chunks held by this rank: one, or one per virtual pipeline stage."""
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    spec = layer_spec(cfg)
+    padded = padded_vocab_size(
+        vocab_size, cfg.model.make_vocab_size_divisible_by, cfg.parallel.tensor
+    )
+    vp_stages = range(cfg.parallel.virtual_pipeline) if cfg.parallel.virtual_pipeline else [None]
+    chunks = []
+    for vp_stage in vp_stages:
+        chunk = GPTModel(
+            config=tf_config,
+            transformer_layer_spec=spec,
+            vocab_size=padded,
+            max_sequence_length=cfg.model.max_position_embeddings,
+            pre_process=parallel_state.is_pipeline_first_stage(
+                ignore_virtual=False, vp_stage=vp_stage
+            ),
+            post_process=parallel_state.is_pipeline_last_stage(
+                ignore_virtual=False, vp_stage=vp_stage
+            ),
+            share_embeddings_and_output_weights=not cfg.model.untie_embeddings,
+            position_embedding_type="rope",
+            rotary_base=cfg.model.rotary_base,
+            vp_stage=vp_stage,
+        )
+        chunks.append(chunk)
+    return chunks

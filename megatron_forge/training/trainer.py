@@ -1,0 +1,145 @@
+"""The pretraining loop: megatron-core model, DDP, optimizer and pipeline schedules.
+
+:class:`Trainer` builds everything once (``__init__``), then :meth:`Trainer.train` runs
+the loop. The per-step work is :meth:`train_step`; side concerns are callbacks.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from typing import Any, Iterator, Optional
+
+import torch
+
+from megatron_forge import checkpointing
+from megatron_forge.config import Config, ConfigError
+from megatron_forge.data.datasets import build_datasets, microbatch_iterator
+from megatron_forge.data.tokenizer import load_tokenizer
+from megatron_forge.models import build_model, build_transformer_config
+from megatron_forge.training.callbacks import Callback
+from megatron_forge.training.optim import build_optimizer, build_scheduler, wrap_ddp
+from megatron_forge.training.step import forward_step, reduce_reported_loss
+
+
+class Trainer:
+    def __init__(self, cfg: Config, world_size: int, callbacks: list[Callback]) -> None:
+        from megatron.core import parallel_state
+        from megatron.core.distributed import finalize_model_grads
+
+        self.cfg = cfg
+        self.callbacks = callbacks
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.dp_size = parallel_state.get_data_parallel_world_size()
+        self.num_microbatches = cfg.num_microbatches(world_size)
+
+        self.tokenizer = load_tokenizer(cfg.data.tokenizer) if cfg.data.tokenizer else None
+        vocab_size = self._vocab_size()
+        self.tf_config = build_transformer_config(cfg)
+        self.model = wrap_ddp(cfg, self.tf_config, build_model(cfg, self.tf_config, vocab_size))
+        self.optimizer = build_optimizer(cfg, self.model)
+        self.scheduler = build_scheduler(cfg, self.optimizer)
+        # Hooks megatron's schedules call: grad all-reduce + per-token scaling at the end
+        # of the backward passes, and loss scaling for fp16.
+        self.tf_config.finalize_model_grads_func = finalize_model_grads
+        self.tf_config.grad_scale_func = self.optimizer.scale_loss
+
+        self.step = 0
+        if cfg.checkpoint.load:
+            self.step = checkpointing.load(self, cfg.checkpoint.load)
+        self.train_ds, self.valid_ds = build_datasets(cfg, self.tokenizer)
+        self.train_iter = self._iterators(self.train_ds, start_sample=self.consumed_samples)
+
+    @property
+    def consumed_samples(self) -> int:
+        return self.step * self.cfg.train.global_batch_size
+
+    def _vocab_size(self) -> int:
+        given = self.cfg.model.vocab_size
+        if self.tokenizer is None:
+            if given is None:
+                raise ConfigError("set data.tokenizer (or model.vocab_size) to size the vocab")
+            return given
+        if given is not None and given < self.tokenizer.vocab_size:
+            raise ConfigError(
+                f"model.vocab_size={given} is smaller than the tokenizer's vocabulary "
+                f"({self.tokenizer.vocab_size}, {self.cfg.data.tokenizer}); remove it"
+            )
+        return given or self.tokenizer.vocab_size
+
+    def _iterators(
+        self, dataset: Any, start_sample: int = 0, num_steps: Optional[int] = None
+    ) -> list[Iterator]:
+        """One microbatch stream per model chunk: each virtual pipeline chunk consumes
+        the same microbatches in its own order, as megatron's interleaved schedule expects."""
+        stream = microbatch_iterator(
+            dataset, self.cfg, self.dp_rank, self.dp_size, start_sample, num_steps
+        )
+        return list(itertools.tee(stream, len(self.model))) if len(self.model) > 1 else [stream]
+
+    def _forward_backward(self, data: list[Iterator], forward_only: bool) -> float:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        losses = get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=data if len(data) > 1 else data[0],
+            model=self.model if len(self.model) > 1 else self.model[0],
+            num_microbatches=self.num_microbatches,
+            seq_length=self.cfg.model.seq_length,
+            micro_batch_size=self.cfg.train.micro_batch_size,
+            forward_only=forward_only,
+        )
+        return reduce_reported_loss(losses)
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step over a global batch; returns its metrics."""
+        start = time.perf_counter()
+        for chunk in self.model:
+            chunk.train()
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        loss = self._forward_backward(self.train_iter, forward_only=False)
+        update_ok, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=self.cfg.train.global_batch_size)
+        self.step += 1
+        elapsed = time.perf_counter() - start
+        tokens = self.cfg.train.global_batch_size * self.cfg.model.seq_length
+        return {
+            "step": self.step,
+            "loss": loss,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "skipped": not update_ok,
+            "consumed_samples": self.consumed_samples,
+            "step_time_s": elapsed,
+            "tokens_per_s": tokens / elapsed,
+        }
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, Any]:
+        """Mean loss over ``eval_iters`` global batches, the same ones at every evaluation."""
+        for chunk in self.model:
+            chunk.eval()
+        data = self._iterators(self.valid_ds, num_steps=self.cfg.train.eval_iters)
+        losses = [
+            self._forward_backward(data, forward_only=True)
+            for _ in range(self.cfg.train.eval_iters)
+        ]
+        val_loss = sum(losses) / len(losses)
+        return {"step": self.step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}
+
+    def train(self) -> None:
+        t = self.cfg.train
+        for cb in self.callbacks:
+            cb.on_train_start(self)
+        while self.step < t.train_iters:
+            metrics = self.train_step()
+            for cb in self.callbacks:
+                cb.on_step_end(self, metrics)
+            if t.eval_interval and self.step % t.eval_interval == 0 and self.valid_ds:
+                metrics = self.evaluate()
+                for cb in self.callbacks:
+                    cb.on_eval_end(self, metrics)
+        for cb in self.callbacks:
+            cb.on_train_end(self)
