@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 TRACKER = "latest_checkpointed_iteration.txt"
 # Optimizer state stored per parameter, so it reshards with the model (TP/PP/DP changes).
-OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_sharded_model_space"}
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
 def iteration_dir(root: str | Path, iteration: int) -> Path:
@@ -45,12 +45,46 @@ def _model_keys(model: list[Any]) -> list[str]:
     return ["model"] if len(model) == 1 else [f"model{i}" for i in range(len(model))]
 
 
+def _prepare_optimizer_for_load(optimizer: Any) -> None:
+    """Work around two megatron-core 0.16.1 gaps on the torch-Adam path (no TE/apex: CPU,
+    or GPUs without TE) when loading a 'fully_reshardable' distributed optimizer state:
+
+    - sharded_state_dict(is_loading=True) reads Adam's 'step' first, which a never-stepped
+      optimizer lacks; megatron's own dummy initialisation (replaced by the load) fills it.
+    - load_parameter_state_from_fully_reshardable copies every key of the live state,
+      including torch Adam's 'step', from a source that (by design) omits it, raising
+      KeyError. 'step' is restored separately from param_groups by load_state_dict, so
+      the per-parameter copy only has to skip keys the source does not carry.
+    """
+    from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE, DistributedOptimizer
+
+    if HAVE_APEX_OR_TE:
+        return
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(opt, DistributedOptimizer):
+            continue
+        if not opt.optimizer.state:
+            opt._init_optimizer_states_with_dummy_values()
+        if not opt.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            opt._set_main_param_and_optimizer_states = _copy_present_states.__get__(opt)
+
+
+def _copy_present_states(self: Any, model_param: Any, tensors: dict[str, Any]) -> None:
+    group_index, group_order = self.model_param_group_index_map[model_param]
+    main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+    destination = {"param": main_param, **self.optimizer.state[main_param]}
+    for key, value in tensors.items():
+        destination[key].copy_(value)
+
+
 def _sharded_state(trainer: Trainer, with_optimizer: bool, is_loading: bool) -> dict[str, Any]:
     state: dict[str, Any] = {
         key: chunk.module.sharded_state_dict()
         for key, chunk in zip(_model_keys(trainer.model), trainer.model)
     }
     if with_optimizer:
+        if is_loading:
+            _prepare_optimizer_for_load(trainer.optimizer)
         state["optimizer"] = trainer.optimizer.sharded_state_dict(
             dict(state), is_loading=is_loading, metadata=OPTIMIZER_METADATA
         )
@@ -77,9 +111,13 @@ def save(trainer: Trainer, root: str | Path) -> None:
     if not dist.is_initialized() or dist.get_rank() == 0:
         target.mkdir(parents=True, exist_ok=True)
     _barrier()
-    state = _sharded_state(trainer, with_optimizer=True, is_loading=False)
+    # Before the first step the optimizer holds no state to save (megatron's distributed
+    # optimizer refuses); such a checkpoint is an initialization: weights only.
+    with_optimizer = trainer.step > 0
+    state = _sharded_state(trainer, with_optimizer=with_optimizer, is_loading=False)
     state.update(
         iteration=trainer.step,
+        has_optimizer=with_optimizer,
         scheduler=trainer.scheduler.state_dict(),
         config=trainer.cfg.to_dict(),
         checkpoint_version=3.0,
@@ -105,7 +143,8 @@ def load(trainer: Trainer, root: str | Path) -> int:
             )
         return 0  # an empty save dir: the first run of a job that resumes itself
     path = iteration_dir(root, iteration)
-    with_optimizer = trainer.cfg.checkpoint.load_optimizer
+    common = dist_checkpointing.load_common_state_dict(str(path))
+    with_optimizer = trainer.cfg.checkpoint.load_optimizer and common.get("has_optimizer", True)
     sharded = _sharded_state(trainer, with_optimizer=with_optimizer, is_loading=True)
     state = dist_checkpointing.load(sharded, str(path))
     for key, chunk in zip(_model_keys(trainer.model), trainer.model):

@@ -67,6 +67,11 @@ def build_transformer_config(cfg: Config) -> Any:
         persist_layer_norm=on_gpu,
         gradient_accumulation_fusion=False,
         use_cpu_initialization=not on_gpu,
+        # Over gloo, batch_isend_irecv of the interleaved schedule can pair a send to the
+        # next stage with a receive from the previous one when both are the same peer
+        # (PP=2), swapping activations of equal shape; megatron's unbatched even/odd
+        # ordering is exact. NCCL keeps the batched (faster) path.
+        batch_p2p_comm=on_gpu,
     )
     if cfg.model.num_experts is not None:
         fields["moe_grouped_gemm"] = transformer_engine_available()

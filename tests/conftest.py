@@ -1,0 +1,66 @@
+"""Fixtures shared by the suite: the sample data built by the real pipeline, and one helper
+that runs the real entry point (``python -m megatron_forge.train``) in N gloo processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def sample_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """data/sample built by tools/make_sample_data.sh (the embedded default's pipeline)
+    into a fresh directory, so tests never depend on what a developer has in data/."""
+    out = tmp_path_factory.mktemp("sample")
+    env = dict(os.environ, FORGE_VENV=str(Path(sys.executable).parents[1]))
+    subprocess.run(
+        ["bash", str(REPO / "tools/make_sample_data.sh"), str(out)], check=True, env=env
+    )
+    return out
+
+
+def data_overrides(data_dir: Path) -> list[str]:
+    return [
+        f"data.blend=[{data_dir / 'corpus_text_document'}]",
+        f"data.tokenizer={data_dir / 'tokenizer.model'}",
+    ]
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def run_training(
+    nprocs: int,
+    config: str,
+    overrides: list[str],
+    run_dir: Path,
+    timeout: int = 600,
+) -> list[dict[str, Any]]:
+    """Run the training entry point on ``nprocs`` gloo ranks (torchrun) and return the
+    records of metrics.jsonl. Raises with the output tail when the run fails."""
+    cmd = [sys.executable]
+    if nprocs > 1:
+        cmd += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nprocs}"]
+    cmd += ["-m", "megatron_forge.train", "--config", str(REPO / config)]
+    cmd += overrides + [f"logging.dir={run_dir}"]
+    env = dict(os.environ, OMP_NUM_THREADS="1" if nprocs > 1 else "2", PYTHONWARNINGS="ignore")
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        tail = (proc.stdout + proc.stderr)[-6000:]
+        raise AssertionError(f"training failed ({proc.returncode}): {' '.join(cmd)}\n{tail}")
+    return read_metrics(run_dir)
+
+
+@pytest.fixture(scope="session")
+def train_runner() -> Callable[..., list[dict[str, Any]]]:
+    return run_training
