@@ -1,0 +1,424 @@
+"""The one tokenizer loader used by preprocessing, training and checkpoint conversion.
+
+`load_tokenizer(path)` accepts
+- a SentencePiece model file (`*.model`),
+- a Hugging Face `tokenizer.json` file,
+- a directory holding `tokenizer.json` (preferred, as `transformers` does) or `tokenizer.model`,
+  e.g. a Hugging Face model directory; its `tokenizer_config.json` names the special tokens.
+
+The result subclasses megatron-core's `MegatronTokenizerBase`, which is what
+`GPTDatasetConfig(tokenizer=...)` takes in megatron-core 0.16, and has the attributes mcore's
+datasets read: `vocab_size`, `eod`, `pad`, `eos`, `bos`, `vocab`, `inv_vocab`,
+`unique_identifiers`.
+
+Conventions (the same for both backends):
+- `tokenize(text)` never adds BOS or EOS. Documents are separated by the EOD token, which
+  `tools/preprocess_data.py --append-eod` appends, as in Megatron-LM's GPT pretraining.
+- `eod` is the EOS token. A tokenizer without one cannot mark document ends: reading `eod`
+  then raises `MissingSpecialTokenError`.
+- `bos` / `eos` are None when the tokenizer has no such token.
+- `pad` is the tokenizer's pad token, else -1: megatron-core's own "no pad" value, an id that
+  never occurs in data, so no real token is masked out of the loss by mistake.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import sentencepiece as spm
+from megatron.core.tokenizers import MegatronTokenizerBase
+from tokenizers.models import BPE, Unigram
+
+from tokenizers import AddedToken, decoders, normalizers
+from tokenizers import Tokenizer as HFTokenizerModel
+
+NO_PAD_ID = -1  # megatron.core.datasets.megatron_dataset._PAD_TOKEN_ID
+HF_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+)
+# Used for a bare tokenizer.json with no tokenizer_config.json beside it.
+SPECIAL_TOKEN_GUESSES = {
+    "bos_token": ("<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>"),
+    "eos_token": ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>"),
+    "pad_token": ("<pad>", "<|pad|>", "[PAD]", "<|padding|>"),
+    "unk_token": ("<unk>", "<|unk|>", "[UNK]"),
+}
+# sentencepiece_model.proto ModelProto.SentencePiece.Type
+SPM_NORMAL, SPM_UNKNOWN, SPM_CONTROL, SPM_USER_DEFINED, SPM_UNUSED, SPM_BYTE = 1, 2, 3, 4, 5, 6
+
+
+class TokenizerLoadError(ValueError):
+    """A tokenizer path is missing or holds no tokenizer we can read."""
+
+
+class MissingSpecialTokenError(NotImplementedError):
+    """The tokenizer lacks a special token that was asked for.
+
+    A NotImplementedError because megatron-core probes optional token ids (`eos`, `eod`)
+    inside `except (AttributeError, NotImplementedError)`.
+    """
+
+
+class Tokenizer(MegatronTokenizerBase):
+    """Base of the SentencePiece and Hugging Face tokenizers; build one with load_tokenizer."""
+
+    library = "none"
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(str(path), {"library": self.library})
+        self._ids: dict[str, int] = {}  # "bos_token"/"eos_token"/"pad_token"/"unk_token" -> id
+        self._vocab: dict[str, int] | None = None
+        self._inv_vocab: dict[int, str] | None = None
+
+    # Backend interface ---------------------------------------------------------------------
+    def tokenize(self, text: str) -> list[int]:
+        """Return the token ids of `text`, without BOS or EOS."""
+        raise NotImplementedError
+
+    def detokenize(self, ids: Any) -> str:
+        """Return the text of `ids` (a list or a numpy array); special tokens are dropped."""
+        raise NotImplementedError
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids, special and added tokens included (before any padding)."""
+        raise NotImplementedError
+
+    def token_to_id(self, token: str) -> int | None:
+        """Return the id of a vocabulary entry, or None."""
+        raise NotImplementedError
+
+    def id_to_token(self, token_id: int) -> str | None:
+        """Return the vocabulary entry of an id."""
+        raise NotImplementedError
+
+    def save_pretrained_files(self, out_dir: str | Path) -> list[Path]:
+        """Write files `transformers.AutoTokenizer.from_pretrained(out_dir)` loads; return them."""
+        raise NotImplementedError
+
+    # Shared --------------------------------------------------------------------------------
+    @property
+    def vocab(self) -> dict[str, int]:
+        """Token string -> id."""
+        if self._vocab is None:
+            tokens = ((self.id_to_token(i), i) for i in range(self.vocab_size))
+            self._vocab = {token: i for token, i in tokens if token is not None}
+        return self._vocab
+
+    @property
+    def inv_vocab(self) -> dict[int, str]:
+        """Id -> token string."""
+        if self._inv_vocab is None:
+            self._inv_vocab = {i: t for t, i in self.vocab.items()}
+        return self._inv_vocab
+
+    @property
+    def eod(self) -> int:
+        """End-of-document id: the EOS token."""
+        if self.eos is None:
+            raise MissingSpecialTokenError(
+                f"tokenizer {self.path} has no EOS token to end documents with; use a tokenizer "
+                "with one (SentencePiece: eos_id, Hugging Face: eos_token in tokenizer_config.json)"
+            )
+        return self.eos
+
+    @property
+    def bos(self) -> int | None:
+        """Beginning-of-sequence id, or None. Never added by `tokenize`."""
+        return self._ids.get("bos_token")
+
+    @property
+    def eos(self) -> int | None:
+        """End-of-sequence id, or None."""
+        return self._ids.get("eos_token")
+
+    @property
+    def unk(self) -> int | None:
+        """Unknown-token id, or None."""
+        return self._ids.get("unk_token")
+
+    @property
+    def pad(self) -> int:
+        """Pad id, or -1 (NO_PAD_ID, megatron-core's own fallback) when there is none."""
+        pad = self._ids.get("pad_token")
+        return NO_PAD_ID if pad is None else pad
+
+    @property
+    def unique_identifiers(self) -> OrderedDict:
+        """What identifies this tokenizer in megatron-core's dataset cache hashes."""
+        return OrderedDict(
+            [("class", type(self).__name__), ("tokenizer_path", self.path)],
+            vocab_size=self.vocab_size,
+        )
+
+    def apply_chat_template(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError(f"{type(self).__name__} is a pretraining tokenizer: no chat")
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        # Backends hold C++ objects; reload from disk in the other process instead.
+        return load_tokenizer, (self.path,)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.path!r}, vocab_size={self.vocab_size})"
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A SentencePiece `.model` file."""
+
+    library = "sentencepiece"
+
+    def __init__(self, path: Path, model_file: Path) -> None:
+        super().__init__(path)
+        self.model_file = model_file
+        self._sp = spm.SentencePieceProcessor(model_file=str(model_file))
+        ids = {
+            "bos_token": self._sp.bos_id(),
+            "eos_token": self._sp.eos_id(),
+            "pad_token": self._sp.pad_id(),
+            "unk_token": self._sp.unk_id(),
+        }
+        self._ids = {name: i for name, i in ids.items() if i >= 0}  # spm: -1 means disabled
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._sp.encode(text)
+
+    def detokenize(self, ids: Any) -> str:
+        return self._sp.decode([int(i) for i in ids])
+
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.get_piece_size()
+
+    def id_to_token(self, token_id: int) -> str:
+        return self._sp.id_to_piece(token_id)
+
+    def token_to_id(self, token: str) -> int | None:
+        token_id = self._sp.piece_to_id(token)  # the unk id when absent
+        return token_id if self._sp.id_to_piece(token_id) == token else None
+
+    def save_pretrained_files(self, out_dir: str | Path) -> list[Path]:
+        """Write tokenizer.json (converted), tokenizer.model (copied), tokenizer_config.json.
+
+        transformers loads tokenizer.json as-is (no sentencepiece needed) and encodes like
+        `tokenize`. No BOS is added: the config sets add_bos_token false and the converted
+        tokenizer has no post-processor, because the model was trained on documents without
+        BOS, so prompts at serving time are encoded the same way.
+        """
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        sp_model = spm_to_hf_tokenizer(self.model_file)
+        sp_model.save(str(out / "tokenizer.json"))
+        shutil.copyfile(self.model_file, out / "tokenizer.model")
+        names = {k: self.id_to_token(v) for k, v in self._ids.items()}
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            **names,
+            "add_bos_token": False,
+            "add_eos_token": False,
+            "clean_up_tokenization_spaces": False,
+        }
+        write_json(out / "tokenizer_config.json", config)
+        return [out / "tokenizer.json", out / "tokenizer.model", out / "tokenizer_config.json"]
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face `tokenizer.json` (tokenizers library), with its tokenizer_config.json."""
+
+    library = "huggingface"
+
+    def __init__(self, path: Path, tokenizer_file: Path) -> None:
+        super().__init__(path)
+        self.tokenizer_file = tokenizer_file
+        self._tok = HFTokenizerModel.from_file(str(tokenizer_file))
+        config_file = tokenizer_file.parent / "tokenizer_config.json"
+        self._config = read_json(config_file) if config_file.is_file() else None
+        self._ids = self._find_special_ids()
+
+    def _find_special_ids(self) -> dict[str, int]:
+        """Special tokens named by tokenizer_config.json, else the first known name present."""
+        ids = {}
+        for name, guesses in SPECIAL_TOKEN_GUESSES.items():
+            if self._config is None:
+                candidates = guesses
+            else:
+                named = self._config.get(name)
+                candidates = (named.get("content") if isinstance(named, dict) else named,)
+            for token in candidates:
+                token_id = self._tok.token_to_id(token) if isinstance(token, str) else None
+                if token_id is not None:
+                    ids[name] = token_id
+                    break
+        return ids
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def detokenize(self, ids: Any) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def id_to_token(self, token_id: int) -> str:
+        return self._tok.id_to_token(token_id)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def save_pretrained_files(self, out_dir: str | Path) -> list[Path]:
+        """Copy the tokenizer files; write a tokenizer_config.json if there was none.
+
+        A copied tokenizer_config.json / tokenizer.json keeps its own BOS rule (Llama 3's
+        post-processor adds <|begin_of_text|>, for example), while `tokenize` adds nothing.
+        """
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        src = self.tokenizer_file.parent
+        names = ["tokenizer.json"] if Path(self.path).is_file() else list(HF_TOKENIZER_FILES)
+        written = []
+        for name in names:
+            source = self.tokenizer_file if name == "tokenizer.json" else src / name
+            if source.is_file():
+                shutil.copyfile(source, out / name)
+                written.append(out / name)
+        if self._config is None:  # a bare tokenizer.json: say what our loader guessed
+            tokens = {k: self.id_to_token(v) for k, v in self._ids.items()}
+            config = {"tokenizer_class": "PreTrainedTokenizerFast", **tokens}
+            write_json(out / "tokenizer_config.json", {**config, "add_bos_token": False})
+            written.append(out / "tokenizer_config.json")
+        return written
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Load a SentencePiece `.model`, a `tokenizer.json`, or a directory holding either."""
+    path = Path(path).expanduser()
+    expected = "a SentencePiece .model file, a tokenizer.json file, or a directory with either"
+    if not path.exists():
+        raise TokenizerLoadError(f"tokenizer path {path} does not exist; expected {expected}")
+    if path.is_dir():
+        if (path / "tokenizer.json").is_file():
+            return HFTokenizer(path, path / "tokenizer.json")
+        if (path / "tokenizer.model").is_file():
+            return SentencePieceTokenizer(path, path / "tokenizer.model")
+        raise TokenizerLoadError(
+            f"tokenizer directory {path} has neither tokenizer.json nor tokenizer.model; "
+            f"expected {expected}"
+        )
+    if path.suffix == ".json":
+        try:
+            return HFTokenizer(path, path)
+        except Exception as e:  # the tokenizers library raises plain Exception on bad json
+            raise TokenizerLoadError(f"{path} is not a Hugging Face tokenizer.json: {e}") from e
+    try:
+        return SentencePieceTokenizer(path, path)
+    except (RuntimeError, OSError) as e:
+        raise TokenizerLoadError(f"{path} is not a SentencePiece model; expected {expected}") from e
+
+
+# SentencePiece -> tokenizers conversion ----------------------------------------------------
+def spm_to_hf_tokenizer(model_file: Path) -> HFTokenizerModel:
+    """Build a `tokenizers` Tokenizer that encodes like the SentencePiece model.
+
+    For models trained by tokenizers/train_sentencepiece.py (identity normalization, byte
+    fallback) the ids are the same on plain text: all but one of the 7.7k documents of the
+    sample corpus with BPE (that one contains a literal "<s>"); unigram also differs where two
+    segmentations score exactly the same (a run of '*', say; 18 documents). Known
+    differences, shared with transformers' own Llama conversion:
+    - control tokens (<s>, </s>, <pad>) typed literally in text become one special token
+      here but plain characters in SentencePiece;
+    - right after a user-defined symbol, a space gets its own "▁" token here (the dummy
+      prefix is added again to the text that follows an added token); the symbol itself is
+      one token on both sides.
+    Models trained with NFKC normalization are refused rather than converted approximately.
+    """
+    from sentencepiece import sentencepiece_model_pb2  # needs protobuf; only export needs it
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(model_file.read_bytes())
+    norm = proto.normalizer_spec
+    if (
+        norm.name not in ("identity", "")
+        or norm.precompiled_charsmap
+        or norm.remove_extra_whitespaces
+    ):
+        raise TokenizerLoadError(
+            f"{model_file}: normalization {norm.name!r} (remove_extra_whitespaces="
+            f"{norm.remove_extra_whitespaces}) has no exact tokenizer.json equivalent; retrain "
+            "with tokenizers/train_sentencepiece.py (identity, whitespace kept)"
+        )
+    pieces = [(p.piece, p.score, p.type) for p in proto.pieces]
+    byte_fallback = proto.trainer_spec.byte_fallback
+    if proto.trainer_spec.model_type == sentencepiece_model_pb2.TrainerSpec.UNIGRAM:
+        vocab = [(piece, score) for piece, score, _ in pieces]
+        model = Unigram(vocab, unk_id=proto.trainer_spec.unk_id, byte_fallback=byte_fallback)
+    elif proto.trainer_spec.model_type == sentencepiece_model_pb2.TrainerSpec.BPE:
+        vocab = {piece: i for i, (piece, _, _) in enumerate(pieces)}
+        unk = proto.trainer_spec.unk_piece
+        model = BPE(
+            vocab, spm_bpe_merges(pieces), unk_token=unk, fuse_unk=True, byte_fallback=byte_fallback
+        )
+    else:
+        raise TokenizerLoadError(f"{model_file}: only BPE and unigram SentencePiece models convert")
+    tok = HFTokenizerModel(model)
+    # SentencePiece prepends "▁" once to the whole text and turns every space into "▁".
+    steps = [normalizers.Replace(" ", "▁")]
+    if norm.add_dummy_prefix:
+        steps.insert(0, normalizers.Prepend("▁"))
+    tok.normalizer = normalizers.Sequence(steps)
+    dec = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if norm.add_dummy_prefix:
+        dec.append(decoders.Strip(content=" ", left=1))
+    tok.decoder = decoders.Sequence(dec)
+    # normalized=False: matched in the raw text wherever they occur. normalized=True would
+    # match the normalized content, "▁<|x|>", so only after a space, and swallow that space.
+    tok.add_tokens(
+        [
+            AddedToken(p, normalized=False, special=False)
+            for p, _, t in pieces
+            if t == SPM_USER_DEFINED
+        ]
+    )
+    specials = [p for p, _, t in pieces if t in (SPM_CONTROL, SPM_UNKNOWN)]
+    tok.add_special_tokens([AddedToken(p, normalized=False, special=True) for p in specials])
+    return tok
+
+
+def spm_bpe_merges(pieces: list[tuple[str, float, int]]) -> list[tuple[str, str]]:
+    """Merges reproducing SentencePiece BPE: a pair ranks by the id of the piece it forms.
+
+    spm merges the adjacent pair whose union has the best score, and BPE scores fall with
+    the id, so ranking merges by result id (then by the ids of the parts) gives the same
+    order. Byte, control and user-defined pieces never take part in merges.
+    """
+    ids = {p: i for i, (p, _, t) in enumerate(pieces) if t in (SPM_NORMAL, SPM_UNUSED)}
+    merges = []
+    for piece, piece_id in ids.items():
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in ids and right in ids:
+                merges.append((piece_id, ids[left], ids[right], left, right))
+    merges.sort()
+    return [(left, right) for *_, left, right in merges]
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise TokenizerLoadError(f"{path}: not valid JSON ({e})") from e
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
