@@ -241,6 +241,36 @@ class LoggingConfig:
 
 
 @dataclass
+class LaunchConfig:
+    """How launch/submit.py asks Slurm for resources; ignored by the training processes."""
+
+    nodes: int = 1
+    gpus_per_node: int = 8
+    """Tasks (one per GPU, or per CPU rank with --local) on each node."""
+    cpus_per_task: int = 8
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    time: str = "04:00:00"
+    """Slurm time limit, HH:MM:SS or D-HH:MM:SS."""
+    job_name: str = "forge"
+    constraint: Optional[str] = None
+    container_image: Optional[str] = None
+    """pyxis/enroot image; None runs in the submitting environment."""
+    signal_delay_s: int = 120
+    """Slurm sends USR2 this many seconds before the time limit: save and requeue."""
+    max_requeues: int = 10
+
+    def __post_init__(self) -> None:
+        _require(self.nodes >= 1, "launch.nodes must be >= 1")
+        _require(self.gpus_per_node >= 1, "launch.gpus_per_node must be >= 1")
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -249,6 +279,7 @@ class Config:
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
 
     def data_parallel_size(self, world_size: int) -> int:
         """Data-parallel degree implied by the world size (after validate())."""

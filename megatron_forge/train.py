@@ -40,6 +40,7 @@ def run(cfg: Config) -> None:
     """Train with this process's share of the world described by the environment."""
     from megatron_forge import checkpointing, distributed
     from megatron_forge.training.callbacks import MetricsLogger, is_logging_rank
+    from megatron_forge.training.preemption import PreemptionHandler
     from megatron_forge.training.trainer import Trainer
 
     env = distributed.read_environment()
@@ -50,6 +51,8 @@ def run(cfg: Config) -> None:
         callbacks.append(
             checkpointing.CheckpointSaver(cfg.checkpoint.save, cfg.checkpoint.save_interval)
         )
+    # After the periodic saver, so a step that is both saved and preempted saves once.
+    callbacks.append(PreemptionHandler(cfg.checkpoint.save, cfg.launch.max_requeues))
     if is_logging_rank():
         Path(cfg.logging.dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.logging.dir) / "config.yaml").write_text(cfg.to_yaml())
