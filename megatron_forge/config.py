@@ -289,9 +289,7 @@ class Config:
         dp = self.data_parallel_size(world_size)
         return self.train.global_batch_size // (self.train.micro_batch_size * dp)
 
-    def validate(
-        self, world_size: int, *, cuda_available: bool, te_available: bool
-    ) -> None:
+    def validate(self, world_size: int, *, cuda_available: bool, te_available: bool) -> None:
         """Check rules that involve the world size or several sections; raise ConfigError."""
         m, p, t = self.model, self.parallel, self.train
         mp = p.model_parallel_size
@@ -338,8 +336,7 @@ class Config:
         if m.num_experts is not None:
             _require(
                 m.num_experts % p.expert == 0,
-                f"model.num_experts={m.num_experts} is not divisible by "
-                f"parallel.expert={p.expert}",
+                f"model.num_experts={m.num_experts} is not divisible by parallel.expert={p.expert}",
             )
         _require(
             t.global_batch_size % (t.micro_batch_size * dp) == 0,

@@ -39,12 +39,14 @@ def validate_for_world(cfg: Config, world_size: int) -> None:
 def run(cfg: Config) -> None:
     """Train with this process's share of the world described by the environment."""
     from megatron_forge import checkpointing, distributed
+    from megatron_forge.data.datasets import check_data_paths
     from megatron_forge.training.callbacks import MetricsLogger, is_logging_rank
     from megatron_forge.training.preemption import PreemptionHandler
     from megatron_forge.training.trainer import Trainer
 
     env = distributed.read_environment()
     validate_for_world(cfg, env.world_size)  # before any process group or allocation
+    check_data_paths(cfg)
     distributed.initialize(cfg, env)
     callbacks = [MetricsLogger(cfg.logging.dir, cfg.logging.log_interval)]
     if cfg.checkpoint.save:

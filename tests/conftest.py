@@ -7,8 +7,9 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
@@ -21,9 +22,7 @@ def sample_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     into a fresh directory, so tests never depend on what a developer has in data/."""
     out = tmp_path_factory.mktemp("sample")
     env = dict(os.environ, FORGE_VENV=str(Path(sys.executable).parents[1]))
-    subprocess.run(
-        ["bash", str(REPO / "tools/make_sample_data.sh"), str(out)], check=True, env=env
-    )
+    subprocess.run(["bash", str(REPO / "tools/make_sample_data.sh"), str(out)], check=True, env=env)
     return out
 
 

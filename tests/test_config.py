@@ -34,8 +34,13 @@ def test_configs_present() -> None:
 
 
 def test_overrides_parse_as_yaml() -> None:
-    cfg = _cfg("train.lr=1e-4", "parallel.sequence_parallel=true", "parallel.tensor=2",
-               "data.blend=[0.3, a, 0.7, b]", "checkpoint.load=null")
+    cfg = _cfg(
+        "train.lr=1e-4",
+        "parallel.sequence_parallel=true",
+        "parallel.tensor=2",
+        "data.blend=[0.3, a, 0.7, b]",
+        "checkpoint.load=null",
+    )
     assert cfg.train.lr == 1e-4 and cfg.parallel.sequence_parallel is True
     assert cfg.data.prefixes_and_weights() == (["a", "b"], [0.3, 0.7])
     assert cfg.checkpoint.load is None
@@ -44,7 +49,9 @@ def test_overrides_parse_as_yaml() -> None:
 def test_unknown_key_suggests_closest() -> None:
     with pytest.raises(ConfigError, match=r"unknown key 'train.learning_rat'.*'min_lr'|lr"):
         _cfg("train.learning_rat=1")
-    with pytest.raises(ConfigError, match=r"unknown key 'model.num_layer'; did you mean 'num_layers'"):
+    with pytest.raises(
+        ConfigError, match=r"unknown key 'model.num_layer'; did you mean 'num_layers'"
+    ):
         _cfg("model.num_layer=4")
     with pytest.raises(ConfigError, match=r"unknown section 'modle'; did you mean 'model'"):
         _cfg("modle.num_layers=4")
@@ -53,7 +60,9 @@ def test_unknown_key_suggests_closest() -> None:
 def test_unknown_key_in_yaml_names_file(tmp_path: Path) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text("model:\n  hiden_size: 64\n")
-    with pytest.raises(ConfigError, match=r"bad.yaml: unknown key 'model.hiden_size'; did you mean 'hidden_size'"):
+    with pytest.raises(
+        ConfigError, match=r"bad.yaml: unknown key 'model.hiden_size'; did you mean 'hidden_size'"
+    ):
         load_config(path)
 
 
@@ -62,7 +71,9 @@ def test_type_errors_name_field() -> None:
         _cfg("train.lr=fast")
     with pytest.raises(ConfigError, match=r"model.num_layers=2.5 must be an integer"):
         _cfg("model.num_layers=2.5")
-    with pytest.raises(ConfigError, match=r"model.family='gpt' must be one of \['llama', 'mixtral'\]"):
+    with pytest.raises(
+        ConfigError, match=r"model.family='gpt' must be one of \['llama', 'mixtral'\]"
+    ):
         _cfg("model.family=gpt")
 
 
@@ -73,42 +84,64 @@ def test_bad_override_syntax() -> None:
 
 def test_world_size_must_factor() -> None:
     cfg = _cfg("parallel.tensor=2", "parallel.pipeline=2")
-    with pytest.raises(ConfigError, match=r"world size 6 is not divisible by parallel.tensor x "
-                       r"pipeline x context = 2 x 2 x 1 = 4"):
+    with pytest.raises(
+        ConfigError,
+        match=r"world size 6 is not divisible by parallel.tensor x "
+        r"pipeline x context = 2 x 2 x 1 = 4",
+    ):
         _validate(cfg, 6)
 
 
 def test_heads_and_groups_divisible_by_tp() -> None:
     cfg = _cfg("model.num_attention_heads=4", "model.hidden_size=96", "parallel.tensor=3")
-    with pytest.raises(ConfigError, match=r"model.num_attention_heads=4 is not divisible by "
-                       r"parallel.tensor=3"):
+    with pytest.raises(
+        ConfigError,
+        match=r"model.num_attention_heads=4 is not divisible by "
+        r"parallel.tensor=3",
+    ):
         _validate(cfg, 3)
     cfg = _cfg("model.num_attention_heads=4", "model.num_query_groups=1", "parallel.tensor=2")
-    with pytest.raises(ConfigError, match=r"model.num_query_groups=1 is not divisible by "
-                       r"parallel.tensor=2"):
+    with pytest.raises(
+        ConfigError,
+        match=r"model.num_query_groups=1 is not divisible by "
+        r"parallel.tensor=2",
+    ):
         _validate(cfg, 2)
 
 
 def test_layers_divisible_by_pipeline() -> None:
     cfg = _cfg("model.num_layers=3", "parallel.pipeline=2")
-    with pytest.raises(ConfigError, match=r"model.num_layers=3 is not divisible by "
-                       r"parallel.pipeline=2"):
+    with pytest.raises(
+        ConfigError,
+        match=r"model.num_layers=3 is not divisible by "
+        r"parallel.pipeline=2",
+    ):
         _validate(cfg, 2)
     cfg = _cfg("model.num_layers=6", "parallel.pipeline=2", "parallel.virtual_pipeline=2")
-    with pytest.raises(ConfigError, match=r"model.num_layers=6 is not divisible by "
-                       r"parallel.pipeline x virtual_pipeline = 4"):
+    with pytest.raises(
+        ConfigError,
+        match=r"model.num_layers=6 is not divisible by "
+        r"parallel.pipeline x virtual_pipeline = 4",
+    ):
         _validate(cfg, 2)
 
 
 def test_experts_divisible_by_ep_and_layout() -> None:
     cfg = _cfg("model.family=mixtral", "model.num_experts=6", "parallel.expert=4")
-    with pytest.raises(ConfigError, match=r"model.num_experts=6 is not divisible by "
-                       r"parallel.expert=4"):
+    with pytest.raises(
+        ConfigError,
+        match=r"model.num_experts=6 is not divisible by "
+        r"parallel.expert=4",
+    ):
         _validate(cfg, 4)
-    cfg = _cfg("model.family=mixtral", "model.num_experts=4", "parallel.expert=4",
-               "parallel.tensor=2")
-    with pytest.raises(ConfigError, match=r"parallel.expert=4 must divide data-parallel x "
-                       r"context size = 2 x 1"):
+    cfg = _cfg(
+        "model.family=mixtral", "model.num_experts=4", "parallel.expert=4", "parallel.tensor=2"
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"parallel.expert=4 must divide data-parallel x "
+        r"context size = 2 x 1",
+    ):
         _validate(cfg, 4)
     cfg = _cfg("parallel.expert=2")
     with pytest.raises(ConfigError, match=r"parallel.expert=2 needs an MoE model"):
@@ -117,30 +150,45 @@ def test_experts_divisible_by_ep_and_layout() -> None:
 
 def test_global_batch_divisible() -> None:
     cfg = _cfg("train.micro_batch_size=2", "train.global_batch_size=6")
-    with pytest.raises(ConfigError, match=r"train.global_batch_size=6 is not divisible by "
-                       r"train.micro_batch_size x data-parallel size = 2 x 2"):
+    with pytest.raises(
+        ConfigError,
+        match=r"train.global_batch_size=6 is not divisible by "
+        r"train.micro_batch_size x data-parallel size = 2 x 2",
+    ):
         _validate(cfg, 2)
-    with pytest.raises(ConfigError, match=r"train.global_batch_size=7 is not divisible by "
-                       r"train.micro_batch_size=2"):
+    with pytest.raises(
+        ConfigError,
+        match=r"train.global_batch_size=7 is not divisible by "
+        r"train.micro_batch_size=2",
+    ):
         _cfg("train.micro_batch_size=2", "train.global_batch_size=7")
 
 
 def test_seq_length_within_positions() -> None:
-    with pytest.raises(ConfigError, match=r"model.seq_length=256 exceeds "
-                       r"model.max_position_embeddings=128"):
+    with pytest.raises(
+        ConfigError,
+        match=r"model.seq_length=256 exceeds "
+        r"model.max_position_embeddings=128",
+    ):
         _cfg("model.seq_length=256", "model.max_position_embeddings=128")
 
 
 def test_sequence_parallel_needs_tp() -> None:
-    with pytest.raises(ConfigError, match=r"parallel.sequence_parallel=true requires "
-                       r"parallel.tensor > 1"):
+    with pytest.raises(
+        ConfigError,
+        match=r"parallel.sequence_parallel=true requires "
+        r"parallel.tensor > 1",
+    ):
         _cfg("parallel.sequence_parallel=true")
 
 
 def test_fp8_needs_cuda_and_te() -> None:
     cfg = _cfg("precision.fp8=hybrid", "precision.params_dtype=bf16")
-    with pytest.raises(ConfigError, match=r"precision.fp8=hybrid needs CUDA and Transformer "
-                       r"Engine \(CUDA available: False"):
+    with pytest.raises(
+        ConfigError,
+        match=r"precision.fp8=hybrid needs CUDA and Transformer "
+        r"Engine \(CUDA available: False",
+    ):
         _validate(cfg, 1)
     _validate(cfg, 1, cuda=True, te=True)
 

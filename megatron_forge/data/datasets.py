@@ -56,6 +56,31 @@ class MicroBatchSampler(Sampler[list[int]]):
                 yield [i % self.num_samples for i in indices]
 
 
+def load_run_tokenizer(cfg: Config) -> Any:
+    """The tokenizer named by data.tokenizer (None when unset), errors as ConfigError."""
+    from megatron_forge.data.tokenizer import (
+        MissingSpecialTokenError,
+        TokenizerLoadError,
+        load_tokenizer,
+    )
+
+    if not cfg.data.tokenizer:
+        return None
+    try:
+        return load_tokenizer(cfg.data.tokenizer)
+    except (TokenizerLoadError, MissingSpecialTokenError) as err:
+        raise ConfigError(f"data.tokenizer: {err}") from None
+
+
+def check_data_paths(cfg: Config) -> None:
+    """Fail fast, before any process group exists, on missing datasets or tokenizer."""
+    prefixes, _ = cfg.data.prefixes_and_weights()
+    if not prefixes:
+        raise ConfigError("data.blend is empty; set it to dataset prefixes (see README)")
+    _check_prefixes(prefixes)
+    load_run_tokenizer(cfg)
+
+
 def _check_prefixes(prefixes: list[str]) -> None:
     for prefix in prefixes:
         for suffix in (".bin", ".idx"):
@@ -74,8 +99,6 @@ def build_datasets(cfg: Config, tokenizer: Any) -> tuple[Dataset, Optional[Datas
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
     prefixes, weights = cfg.data.prefixes_and_weights()
-    if not prefixes:
-        raise ConfigError("data.blend is empty; set it to dataset prefixes (see README)")
     _check_prefixes(prefixes)
     t = cfg.train
     num_evals = t.train_iters // t.eval_interval + 1 if t.eval_interval else 0

@@ -42,9 +42,7 @@ class Preempted(SystemExit):
         self.signum = signum
 
 
-def requeue_slurm_job(
-    max_requeues: int, env: Optional[dict[str, str]] = None
-) -> Optional[str]:
+def requeue_slurm_job(max_requeues: int, env: Optional[dict[str, str]] = None) -> Optional[str]:
     """``scontrol requeue`` this job; returns why not when it cannot be done."""
     env = dict(os.environ if env is None else env)
     job_id = env.get("SLURM_ARRAY_JOB_ID") and (
@@ -100,15 +98,20 @@ class PreemptionHandler(Callback):
         name = signal.Signals(signum).name
         if self.save_dir is None:
             if rank0:
-                print(f"{name} at step {trainer.step}: checkpoint.save is unset, so nothing is "
-                      "saved and the job is not requeued", file=sys.stderr, flush=True)
+                print(
+                    f"{name} at step {trainer.step}: checkpoint.save is unset, so nothing is "
+                    "saved and the job is not requeued",
+                    file=sys.stderr,
+                    flush=True,
+                )
             raise Preempted(signum)
         if checkpointing.latest_iteration(self.save_dir) != trainer.step:
             checkpointing.save(trainer, self.save_dir)
         if rank0:
-            print(f"{name} at step {trainer.step}: saved checkpoint to {self.save_dir}",
-                  flush=True)
+            print(f"{name} at step {trainer.step}: saved checkpoint to {self.save_dir}", flush=True)
             why_not = requeue_slurm_job(self.max_requeues)
-            print("requeued the Slurm job" if why_not is None else f"not requeued: {why_not}",
-                  flush=True)
+            print(
+                "requeued the Slurm job" if why_not is None else f"not requeued: {why_not}",
+                flush=True,
+            )
         raise Preempted(signum)

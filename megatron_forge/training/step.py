@@ -9,8 +9,9 @@ the layout and however the loss mask falls across microbatches.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from functools import partial
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist

@@ -9,14 +9,14 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from typing import Any, Iterator, Optional
+from collections.abc import Iterator
+from typing import Any, Optional
 
 import torch
 
 from megatron_forge import checkpointing
 from megatron_forge.config import Config, ConfigError
-from megatron_forge.data.datasets import build_datasets, microbatch_iterator
-from megatron_forge.data.tokenizer import load_tokenizer
+from megatron_forge.data.datasets import build_datasets, load_run_tokenizer, microbatch_iterator
 from megatron_forge.models import build_model, build_transformer_config
 from megatron_forge.training.callbacks import Callback
 from megatron_forge.training.optim import build_optimizer, build_scheduler, wrap_ddp
@@ -34,7 +34,7 @@ class Trainer:
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.num_microbatches = cfg.num_microbatches(world_size)
 
-        self.tokenizer = load_tokenizer(cfg.data.tokenizer) if cfg.data.tokenizer else None
+        self.tokenizer = load_run_tokenizer(cfg)
         vocab_size = self._vocab_size()
         self.tf_config = build_transformer_config(cfg)
         self.model = wrap_ddp(cfg, self.tf_config, build_model(cfg, self.tf_config, vocab_size))

@@ -39,13 +39,16 @@ COMMON = [
 ]
 
 LAYOUTS = {
-    "dense": ("configs/tiny.yaml", {
-        "TP2": ["parallel.tensor=2"],
-        "TP2_SP": ["parallel.tensor=2", "parallel.sequence_parallel=true"],
-        "PP2": ["parallel.pipeline=2"],
-        "DP2": [],
-        "PP2_VPP2": ["parallel.pipeline=2", "parallel.virtual_pipeline=2"],
-    }),
+    "dense": (
+        "configs/tiny.yaml",
+        {
+            "TP2": ["parallel.tensor=2"],
+            "TP2_SP": ["parallel.tensor=2", "parallel.sequence_parallel=true"],
+            "PP2": ["parallel.pipeline=2"],
+            "DP2": [],
+            "PP2_VPP2": ["parallel.pipeline=2", "parallel.virtual_pipeline=2"],
+        },
+    ),
     "moe": ("configs/tiny_moe.yaml", {"EP2": ["parallel.expert=2"]}),
 }
 
@@ -68,8 +71,9 @@ def baseline(sample_data: Path, train_runner, tmp_path_factory):
             root = tmp_path_factory.mktemp(f"parity_{family}")
             base = COMMON + data_overrides(sample_data)
             init = root / "init_ckpt"
-            train_runner(1, config, base + ["train.train_iters=0", f"checkpoint.save={init}"],
-                         root / "init")
+            train_runner(
+                1, config, base + ["train.train_iters=0", f"checkpoint.save={init}"], root / "init"
+            )
             assert (init / "latest_checkpointed_iteration.txt").read_text().strip() == "0"
             load = base + [f"checkpoint.load={init}", "checkpoint.save=null"]
             cache[family] = (load, _curve(train_runner(1, config, load, root / "single")), root)
