@@ -9,6 +9,7 @@ loadable under another TP/PP/DP/EP layout.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -108,8 +109,17 @@ def save(trainer: Trainer, root: str | Path) -> None:
 
     root = Path(root)
     target = iteration_dir(root, trainer.step)
+    latest = latest_iteration(root)
+    if target.exists() and latest is not None and trainer.step <= latest:
+        raise ConfigError(
+            f"{target} already holds a complete checkpoint (the tracker is at {latest}); "
+            "refusing to overwrite it. Point checkpoint.save at a new directory, or set "
+            "checkpoint.load to it to resume from there"
+        )
     if not dist.is_initialized() or dist.get_rank() == 0:
-        target.mkdir(parents=True, exist_ok=True)
+        if target.exists():  # newer than the tracker: left by a save that never finished
+            shutil.rmtree(target)
+        target.mkdir(parents=True)
     _barrier()
     # Before the first step the optimizer holds no state to save (megatron's distributed
     # optimizer refuses); such a checkpoint is an initialization: weights only.
@@ -136,12 +146,15 @@ def load(trainer: Trainer, root: str | Path) -> int:
 
     iteration = latest_iteration(root)
     if iteration is None:
-        if not Path(root).is_dir():
+        resumes_itself = trainer.cfg.checkpoint.save is not None and Path(root).resolve() == (
+            Path(trainer.cfg.checkpoint.save).resolve()
+        )
+        if not resumes_itself and not Path(root).is_dir():
             raise ConfigError(
                 f"checkpoint.load={root} does not exist; point it at a directory holding "
                 f"{TRACKER} (or leave it unset to start from scratch)"
             )
-        return 0  # an empty save dir: the first run of a job that resumes itself
+        return 0  # nothing saved yet: the first run of a job that resumes itself
     path = iteration_dir(root, iteration)
     common = dist_checkpointing.load_common_state_dict(str(path))
     with_optimizer = trainer.cfg.checkpoint.load_optimizer and common.get("has_optimizer", True)

@@ -349,6 +349,21 @@ class Config:
                 f"model.seq_length={m.seq_length} must be divisible by 2 x parallel.context"
                 f" = {2 * p.context} (load-balanced context parallel)",
             )
+        if p.sequence_parallel:
+            # megatron-core's local spec norms (torch LayerNorm/RMSNorm) reject SP.
+            _require(
+                te_available,
+                "parallel.sequence_parallel=true needs Transformer Engine's layer spec "
+                "(megatron-core's local norms do not support it); install the [gpu] extra "
+                "on a CUDA machine or set sequence_parallel: false",
+            )
+        if p.context > 1:
+            # megatron-core's local DotProductAttention asserts context_parallel_size == 1.
+            _require(
+                te_available,
+                f"parallel.context={p.context} needs Transformer Engine's attention; install "
+                "the [gpu] extra on a CUDA machine or set parallel.context: 1",
+            )
         if self.precision.fp8 is not None:
             _require(
                 cuda_available and te_available,

@@ -51,7 +51,8 @@ def run_training(
     if nprocs > 1:
         cmd += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nprocs}"]
     cmd += ["-m", "megatron_forge.train", "--config", str(REPO / config)]
-    cmd += overrides + [f"logging.dir={run_dir}"]
+    # Checkpointing is opt-in per test: the configs point at runs/ in the checkout.
+    cmd += ["checkpoint.load=null", "checkpoint.save=null", *overrides, f"logging.dir={run_dir}"]
     env = dict(os.environ, OMP_NUM_THREADS="1" if nprocs > 1 else "2", PYTHONWARNINGS="ignore")
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:

@@ -212,3 +212,21 @@ def test_derived_defaults() -> None:
     assert cfg.num_microbatches(world_size := 2) == cfg.train.global_batch_size // (
         cfg.train.micro_batch_size * world_size
     )
+
+
+def test_sequence_and_context_parallel_need_te() -> None:
+    cfg = _cfg("parallel.sequence_parallel=true", "parallel.tensor=2")
+    with pytest.raises(
+        ConfigError,
+        match=r"parallel.sequence_parallel=true needs Transformer "
+        r"Engine's layer spec",
+    ):
+        _validate(cfg, 2)
+    cfg = _cfg("parallel.context=2")
+    with pytest.raises(
+        ConfigError,
+        match=r"parallel.context=2 needs Transformer Engine's "
+        r"attention",
+    ):
+        _validate(cfg, 2)
+    _validate(_cfg("parallel.context=2", "precision.params_dtype=bf16"), 2, cuda=True, te=True)

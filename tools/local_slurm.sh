@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # A real one-node Slurm cluster on this machine, for tests and laptops.
 #
+#   sudo tools/local_slurm.sh install  # only install Debian's slurm-wlm and munge (apt-get)
 #   sudo tools/local_slurm.sh start    # install (if needed), configure, start, wait for idle
 #   tools/local_slurm.sh status        # sinfo + squeue; exit 0 if the node is usable
 #   sudo tools/local_slurm.sh stop     # cancel jobs, stop the daemons this script started
@@ -457,11 +458,15 @@ cmd_status() {
 }
 
 case "${1:-}" in
+    install)
+        require_root install
+        install_packages
+        ;;
     start) cmd_start ;;
     stop) cmd_stop ;;
     status) cmd_status ;;
     *)
-        echo "usage: $0 start|stop|status" >&2
+        echo "usage: $0 install|start|stop|status" >&2
         exit 2
         ;;
 esac

@@ -43,7 +43,6 @@ LAYOUTS = {
         "configs/tiny.yaml",
         {
             "TP2": ["parallel.tensor=2"],
-            "TP2_SP": ["parallel.tensor=2", "parallel.sequence_parallel=true"],
             "PP2": ["parallel.pipeline=2"],
             "DP2": [],
             "PP2_VPP2": ["parallel.pipeline=2", "parallel.virtual_pipeline=2"],

@@ -24,6 +24,7 @@ def tiny_run(sample_data: Path, tmp_path_factory: pytest.TempPathFactory):
         *data_overrides(sample_data),
         f"logging.dir={run_dir}",
         f"checkpoint.save={run_dir / 'ckpt'}",
+        f"checkpoint.load={run_dir / 'ckpt'}",
     ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -1,0 +1,196 @@
+"""GPU memory of a config at a world size: the arithmetic behind the estimates in configs/.
+
+:func:`estimate_memory` counts, for the most loaded GPU (the first or last pipeline stage):
+
+- weights: this GPU's share of the parameters (layers split over PP, dense matrices over
+  TP, experts over EP x expert-TP, vocabulary over TP; the embedding on the first stage,
+  the output layer and final norm on the last), at ``precision.params_dtype``;
+- gradients: megatron DDP's gradient buffer, fp32 (``grad_reduce_in_fp32``);
+- optimizer state: Adam's m and v plus an fp32 master copy for 16-bit params (12 bytes per
+  parameter; 8 for fp32 params, which are their own master), sharded over the
+  data-parallel ranks (x context parallel; expert-data-parallel for experts) when
+  ``parallel.use_distributed_optimizer`` (ZeRO-1);
+- activations: Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large
+  Transformer Models"), no recomputation: ``s*b*h*(34 + 5*a*s/h)`` bytes per layer and
+  microbatch (16-bit activations), divided by TP with sequence parallelism, else
+  ``s*b*h*(10 + 24/t + 5*a*s/(h*t))``; ``s`` is the sequence per context-parallel rank.
+  The first stage holds ``min(PP, microbatches)`` microbatches in flight under 1F1B
+  (x ``1 + (PP-1)/(PP*VP)`` when interleaved).
+
+It is an estimate, not a bound: flash attention (Transformer Engine) does not store the
+``s x s`` scores (the ``5*a*s/h`` term), SwiGLU and top-k MoE MLPs store more than the
+paper's GPT MLP, and the CUDA context, NCCL buffers, logits and fragmentation come on top
+(keep several GB free on an 80 GB GPU). Sizes are in GB of 2**30 bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+from megatron_forge.config import Config, ConfigError, load_config
+from megatron_forge.models.build import padded_vocab_size
+
+GB = 2**30
+BYTES_PER_PARAM = {"fp32": 4, "bf16": 2, "fp16": 2}
+GRAD_BYTES = 4  # megatron DDP's grad buffer is fp32 (training/optim.py: grad_reduce_in_fp32)
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Memory of the most loaded GPU, in GB (2**30 bytes)."""
+
+    world_size: int
+    num_params: int
+    """Parameters of the whole model (padded vocabulary)."""
+    params_per_gpu: int
+    """Parameters held by the most loaded GPU."""
+    weights_gb: float
+    grads_gb: float
+    optimizer_gb: float
+    activations_gb: float
+    stage: str
+    """Which pipeline stage this is: 'first', 'last' or 'only' (PP=1)."""
+
+    @property
+    def total_gb(self) -> float:
+        return self.weights_gb + self.grads_gb + self.optimizer_gb + self.activations_gb
+
+    def __str__(self) -> str:
+        return (
+            f"{self.total_gb:.1f} GB/GPU = weights {self.weights_gb:.1f} + grads "
+            f"{self.grads_gb:.1f} + optimizer {self.optimizer_gb:.1f} + activations "
+            f"{self.activations_gb:.1f} ({self.params_per_gpu / 1e9:.2f}B of "
+            f"{self.num_params / 1e9:.2f}B params, {self.stage} pipeline stage, "
+            f"world size {self.world_size})"
+        )
+
+
+@dataclass(frozen=True)
+class _LayerParams:
+    dense: int
+    """Matrices split over TP (attention, dense MLP)."""
+    experts: int
+    """Expert MLPs, split over EP x expert-TP."""
+    replicated: int
+    """Norms and the router, whole on every TP rank."""
+
+
+def _layer_params(cfg: Config) -> _LayerParams:
+    m = cfg.model
+    h = m.hidden_size
+    kv = h // m.num_attention_heads * m.num_query_groups
+    attention = 2 * h * h + 2 * h * kv  # Q and output projections, K and V (GQA)
+    norms = 2 * h  # RMSNorm before attention and before the MLP, no biases
+    if m.num_experts is None:
+        return _LayerParams(attention + 3 * h * m.ffn_hidden_size, 0, norms)  # SwiGLU
+    experts = m.num_experts * 3 * h * m.moe_ffn_hidden_size
+    return _LayerParams(attention, experts, norms + h * m.num_experts)
+
+
+def _activation_bytes_per_layer(cfg: Config) -> float:
+    """Korthikanti et al.'s activation bytes of one layer and one microbatch on one GPU."""
+    m, p = cfg.model, cfg.parallel
+    s = m.seq_length / p.context  # each context-parallel rank holds a slice of the sequence
+    b, h, a, t = cfg.train.micro_batch_size, m.hidden_size, m.num_attention_heads, p.tensor
+    if p.sequence_parallel or t == 1:
+        per_token = (34 + 5 * a * s / h) / t
+    else:
+        per_token = 10 + 24 / t + 5 * a * s / (h * t)
+    scale = BYTES_PER_PARAM[cfg.precision.params_dtype] / 2  # the formula counts 16-bit
+    return s * b * h * per_token * scale
+
+
+def _microbatches_in_flight(cfg: Config, world_size: int) -> float:
+    p = cfg.parallel
+    in_flight = min(p.pipeline, cfg.num_microbatches(world_size))
+    if p.virtual_pipeline:
+        in_flight *= 1 + (p.pipeline - 1) / (p.pipeline * p.virtual_pipeline)
+    return in_flight
+
+
+def estimate_memory(
+    cfg: Config, world_size: int, vocab_size: Optional[int] = None
+) -> MemoryEstimate:
+    """Memory per GPU of training ``cfg`` on ``world_size`` GPUs (see the module doc).
+
+    ``vocab_size`` defaults to ``model.vocab_size``; one of them must be set (the
+    tokenizer is not read here). The layout must divide the world size.
+    """
+    m, p = cfg.model, cfg.parallel
+    vocab = vocab_size or m.vocab_size
+    if vocab is None:
+        raise ConfigError("model.vocab_size is unset; pass vocab_size to estimate memory")
+    if world_size % p.model_parallel_size:
+        raise ConfigError(f"world size {world_size} is not divisible by TP x PP x CP")
+    vocab = padded_vocab_size(vocab, m.make_vocab_size_divisible_by, p.tensor)
+    h, layers_per_stage = m.hidden_size, m.num_layers // p.pipeline
+    layer = _layer_params(cfg)
+    embedding = vocab * h
+    output = embedding if m.untie_embeddings or p.pipeline > 1 else 0  # tied + PP: a copy
+    num_params = (
+        m.num_layers * (layer.dense + layer.experts + layer.replicated)
+        + embedding
+        + (embedding if m.untie_embeddings else 0)
+        + h
+    )
+    dp_cp = world_size // (p.tensor * p.pipeline)  # data-parallel x context-parallel ranks
+    expert_dp = world_size // (p.pipeline * p.tensor * p.expert)  # expert-TP = TP
+    dense_layers = layers_per_stage * (layer.dense / p.tensor + layer.replicated)
+    experts = layers_per_stage * layer.experts / (p.expert * p.tensor)
+    stages = {
+        "first": (dense_layers + embedding / p.tensor, _microbatches_in_flight(cfg, world_size)),
+        "last": (dense_layers + output / p.tensor + h, 1.0),
+    }
+    if p.pipeline == 1:
+        stages = {"only": (dense_layers + (embedding + output) / p.tensor + h, 1.0)}
+
+    weight_bytes = BYTES_PER_PARAM[cfg.precision.params_dtype]
+    optim_bytes = 8 if cfg.precision.params_dtype == "fp32" else 12
+    shard = p.use_distributed_optimizer
+    act_per_layer = _activation_bytes_per_layer(cfg)
+    estimates = []
+    for stage, (dense, in_flight) in stages.items():
+        params = dense + experts
+        optimizer = optim_bytes * (
+            dense / (dp_cp if shard else 1) + experts / (expert_dp if shard else 1)
+        )
+        estimates.append(
+            MemoryEstimate(
+                world_size=world_size,
+                num_params=int(num_params),
+                params_per_gpu=int(params),
+                weights_gb=params * weight_bytes / GB,
+                grads_gb=params * GRAD_BYTES / GB,
+                optimizer_gb=optimizer / GB,
+                activations_gb=act_per_layer * layers_per_stage * in_flight / GB,
+                stage=stage,
+            )
+        )
+    return max(estimates, key=lambda e: e.total_gb)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """``python -m megatron_forge.memory CONFIG [--world-size N] [key=value ...]``"""
+    parser = argparse.ArgumentParser(description="Estimate GPU memory per GPU of a config.")
+    parser.add_argument("config")
+    parser.add_argument(
+        "--world-size", type=int, help="GPUs in the job (default: launch.nodes x gpus_per_node)"
+    )
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        world_size = args.world_size or cfg.launch.world_size
+        cfg.validate(world_size, cuda_available=True, te_available=True)
+        print(estimate_memory(cfg, world_size))
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
