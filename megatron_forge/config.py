@@ -29,8 +29,9 @@ def _require(condition: bool, message: str) -> None:
 
 @dataclass
 class ModelConfig:
-    family: Literal["llama", "mixtral"] = "llama"
-    """Model family: ``llama`` (dense) or ``mixtral`` (MoE). See megatron_forge/models/."""
+    family: Literal["llama", "qwen2", "mixtral"] = "llama"
+    """Model family: ``llama`` (dense), ``qwen2`` (dense, QKV bias) or ``mixtral`` (MoE).
+    See megatron_forge/models/."""
     num_layers: int = 2
     hidden_size: int = 64
     ffn_hidden_size: Optional[int] = None
@@ -191,6 +192,10 @@ class TrainConfig:
     eval_interval: int = 0
     """Evaluate on the validation split every N steps (0: never)."""
     eval_iters: int = 2
+    skip_train: bool = False
+    """Only evaluate the loaded checkpoint on the validation split, then exit."""
+    hang_timeout_s: Optional[float] = 1800.0
+    """Exit (and requeue) when no step completes for this long; names the stalled rank."""
 
     def __post_init__(self) -> None:
         for name in ("micro_batch_size", "global_batch_size"):
@@ -221,9 +226,29 @@ class CheckpointConfig:
     load: Optional[str] = None
     """Directory to load from (its latest_checkpointed_iteration.txt); None starts fresh."""
     save_interval: int = 0
+    """Save every N steps (0: only at the end and on preemption)."""
+    save_interval_minutes: Optional[float] = None
+    """Also save when this much wall-clock time passed since the last save."""
     async_save: bool = True
+    """Write in a background process; the step blocks only while the state is staged."""
     load_optimizer: bool = True
     """False loads weights only (start a new optimizer, e.g. from a converted HF model)."""
+    load_rng: bool = True
+    """Restore RNG states (skipped with a warning when the TP/PP/CP/DP layout changed)."""
+    keep_last: Optional[int] = None
+    """Keep only the newest N checkpoints (None: keep all)..."""
+    keep_every: Optional[int] = None
+    """...plus every checkpoint whose iteration is a multiple of this."""
+
+    def __post_init__(self) -> None:
+        _require(self.save_interval >= 0, "checkpoint.save_interval must be >= 0")
+        _require(
+            self.keep_last is None or self.keep_last >= 1,
+            "checkpoint.keep_last must be >= 1 (or null to keep every checkpoint)",
+        )
+        _require(
+            self.keep_every is None or self.keep_every >= 1, "checkpoint.keep_every must be >= 1"
+        )
 
 
 @dataclass

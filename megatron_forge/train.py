@@ -36,30 +36,45 @@ def validate_for_world(cfg: Config, world_size: int) -> None:
     )
 
 
+def build_callbacks(cfg: Config) -> list:
+    """The side concerns of a run, in hook order: the watchdog first (its clock), the
+    saver before the logger (which reports save time), preemption last (it exits)."""
+    from megatron_forge.checkpointing import Checkpointer, CheckpointSaver
+    from megatron_forge.training.callbacks import MetricsLogger
+    from megatron_forge.training.preemption import PreemptionHandler
+    from megatron_forge.training.watchdog import HangWatchdog
+
+    callbacks: list = []
+    if cfg.train.hang_timeout_s:
+        callbacks.append(
+            HangWatchdog(cfg.logging.dir, cfg.train.hang_timeout_s, cfg.launch.max_requeues)
+        )
+    checkpointer = (
+        Checkpointer(cfg.checkpoint.save, cfg.checkpoint) if cfg.checkpoint.save else None
+    )
+    if checkpointer:
+        callbacks.append(CheckpointSaver(checkpointer))
+    callbacks.append(MetricsLogger(cfg.logging.dir, cfg.logging.log_interval))
+    callbacks.append(PreemptionHandler(checkpointer, cfg.launch.max_requeues))
+    return callbacks
+
+
 def run(cfg: Config) -> None:
     """Train with this process's share of the world described by the environment."""
-    from megatron_forge import checkpointing, distributed
+    from megatron_forge import distributed
     from megatron_forge.data.datasets import check_data_paths
-    from megatron_forge.training.callbacks import MetricsLogger, is_logging_rank
-    from megatron_forge.training.preemption import PreemptionHandler
+    from megatron_forge.training.callbacks import is_logging_rank
     from megatron_forge.training.trainer import Trainer
 
     env = distributed.read_environment()
     validate_for_world(cfg, env.world_size)  # before any process group or allocation
     check_data_paths(cfg)
     distributed.initialize(cfg, env)
-    callbacks = [MetricsLogger(cfg.logging.dir, cfg.logging.log_interval)]
-    if cfg.checkpoint.save:
-        callbacks.append(
-            checkpointing.CheckpointSaver(cfg.checkpoint.save, cfg.checkpoint.save_interval)
-        )
-    # After the periodic saver, so a step that is both saved and preempted saves once.
-    callbacks.append(PreemptionHandler(cfg.checkpoint.save, cfg.launch.max_requeues))
     if is_logging_rank():
         Path(cfg.logging.dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.logging.dir) / "config.yaml").write_text(cfg.to_yaml())
     try:
-        Trainer(cfg, env.world_size, callbacks).train()
+        Trainer(cfg, env.world_size, build_callbacks(cfg)).train()
     finally:
         distributed.shutdown()
 

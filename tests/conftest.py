@@ -38,15 +38,11 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def run_training(
-    nprocs: int,
-    config: str,
-    overrides: list[str],
-    run_dir: Path,
-    timeout: int = 600,
-) -> list[dict[str, Any]]:
-    """Run the training entry point on ``nprocs`` gloo ranks (torchrun) and return the
-    records of metrics.jsonl. Raises with the output tail when the run fails."""
+def training_command(
+    nprocs: int, config: str, overrides: list[str], run_dir: Path
+) -> tuple[list[str], dict[str, str]]:
+    """Command line and environment that run the training entry point on ``nprocs`` gloo
+    ranks (torchrun when more than one)."""
     cmd = [sys.executable]
     if nprocs > 1:
         cmd += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nprocs}"]
@@ -54,6 +50,19 @@ def run_training(
     # Checkpointing is opt-in per test: the configs point at runs/ in the checkout.
     cmd += ["checkpoint.load=null", "checkpoint.save=null", *overrides, f"logging.dir={run_dir}"]
     env = dict(os.environ, OMP_NUM_THREADS="1" if nprocs > 1 else "2", PYTHONWARNINGS="ignore")
+    return cmd, env
+
+
+def run_training(
+    nprocs: int,
+    config: str,
+    overrides: list[str],
+    run_dir: Path,
+    timeout: int = 600,
+) -> list[dict[str, Any]]:
+    """Run the training entry point on ``nprocs`` gloo ranks and return the records of
+    metrics.jsonl. Raises with the output tail when the run fails."""
+    cmd, env = training_command(nprocs, config, overrides, run_dir)
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         tail = (proc.stdout + proc.stderr)[-6000:]

@@ -11,9 +11,11 @@ import torch
 from megatron_forge.config import Config, ModelConfig
 from megatron_forge.models.llama.model import architecture as llama_architecture
 from megatron_forge.models.mixtral.model import architecture as mixtral_architecture
+from megatron_forge.models.qwen2.model import architecture as qwen2_architecture
 
 FAMILIES: dict[str, Callable[[ModelConfig], dict[str, Any]]] = {
     "llama": llama_architecture,
+    "qwen2": qwen2_architecture,
     "mixtral": mixtral_architecture,
 }
 

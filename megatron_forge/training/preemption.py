@@ -26,6 +26,7 @@ import torch.distributed as dist
 from megatron_forge.training.callbacks import Callback
 
 if TYPE_CHECKING:
+    from megatron_forge.checkpointing import Checkpointer
     from megatron_forge.training.trainer import Trainer
 
 EXIT_PREEMPTED = 3
@@ -65,8 +66,8 @@ def requeue_slurm_job(max_requeues: int, env: Optional[dict[str, str]] = None) -
 class PreemptionHandler(Callback):
     """Turns SIGTERM/SIGUSR2 into save + requeue + exit at the next step boundary."""
 
-    def __init__(self, save_dir: Optional[str], max_requeues: int) -> None:
-        self.save_dir = save_dir
+    def __init__(self, checkpointer: Optional[Checkpointer], max_requeues: int) -> None:
+        self.checkpointer = checkpointer
         self.max_requeues = max_requeues
         self.received: int = 0
         self._previous: dict[int, Any] = {}
@@ -92,11 +93,9 @@ class PreemptionHandler(Callback):
         signum = self._agreed_signal()
         if not signum:
             return
-        from megatron_forge import checkpointing
-
         rank0 = not dist.is_initialized() or dist.get_rank() == 0
         name = signal.Signals(signum).name
-        if self.save_dir is None:
+        if self.checkpointer is None:
             if rank0:
                 print(
                     f"{name} at step {trainer.step}: checkpoint.save is unset, so nothing is "
@@ -105,10 +104,13 @@ class PreemptionHandler(Callback):
                     flush=True,
                 )
             raise Preempted(signum)
-        if checkpointing.latest_iteration(self.save_dir) != trainer.step:
-            checkpointing.save(trainer, self.save_dir)
+        # Blocking: waits for an in-flight background save, then writes this step's.
+        self.checkpointer.save(trainer, blocking=True)
         if rank0:
-            print(f"{name} at step {trainer.step}: saved checkpoint to {self.save_dir}", flush=True)
+            print(
+                f"{name} at step {trainer.step}: saved checkpoint to {self.checkpointer.root}",
+                flush=True,
+            )
             why_not = requeue_slurm_job(self.max_requeues)
             print(
                 "requeued the Slurm job" if why_not is None else f"not requeued: {why_not}",

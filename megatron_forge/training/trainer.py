@@ -46,14 +46,13 @@ class Trainer:
         self.tf_config.grad_scale_func = self.optimizer.scale_loss
 
         self.step = 0
+        self.consumed_samples = 0
+        self.extra_state: dict[str, Any] = {}
+        """Small resumable state of callbacks (e.g. the W&B run id), saved in checkpoints."""
         if cfg.checkpoint.load:
             self.step = checkpointing.load(self, cfg.checkpoint.load)
         self.train_ds, self.valid_ds = build_datasets(cfg, self.tokenizer)
         self.train_iter = self._iterators(self.train_ds, start_sample=self.consumed_samples)
-
-    @property
-    def consumed_samples(self) -> int:
-        return self.step * self.cfg.train.global_batch_size
 
     def _vocab_size(self) -> int:
         given = self.cfg.model.vocab_size
@@ -103,6 +102,7 @@ class Trainer:
         update_ok, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=self.cfg.train.global_batch_size)
         self.step += 1
+        self.consumed_samples += self.cfg.train.global_batch_size
         elapsed = time.perf_counter() - start
         tokens = self.cfg.train.global_batch_size * self.cfg.model.seq_length
         return {
@@ -129,8 +129,18 @@ class Trainer:
         val_loss = sum(losses) / len(losses)
         return {"step": self.step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}
 
+    def _run_eval(self) -> None:
+        metrics = self.evaluate()
+        for cb in self.callbacks:
+            cb.on_eval_end(self, metrics)
+
     def train(self) -> None:
         t = self.cfg.train
+        if t.skip_train:  # evaluate the loaded model only (Megatron-LM's --skip-train)
+            if self.valid_ds is None:
+                raise ConfigError("train.skip_train needs train.eval_interval > 0 and eval_iters")
+            self._run_eval()
+            return
         for cb in self.callbacks:
             cb.on_train_start(self)
         while self.step < t.train_iters:
@@ -138,8 +148,6 @@ class Trainer:
             for cb in self.callbacks:
                 cb.on_step_end(self, metrics)
             if t.eval_interval and self.step % t.eval_interval == 0 and self.valid_ds:
-                metrics = self.evaluate()
-                for cb in self.callbacks:
-                    cb.on_eval_end(self, metrics)
+                self._run_eval()
         for cb in self.callbacks:
             cb.on_train_end(self)

@@ -1,0 +1,153 @@
+"""torch_dist checkpoint (any TP/PP/EP layout) -> Hugging Face directory: config.json,
+generation_config.json, sharded safetensors with their index, tokenizer files.
+
+vLLM, SGLang and TensorRT-LLM 1.x (PyTorch backend) load the result directly.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from tqdm import tqdm
+
+from megatron_forge.config import ModelConfig
+from megatron_forge.convert.files import (
+    DTYPE_NAMES,
+    HF_DTYPE_NAMES,
+    ConvertError,
+    ShardedSafetensorsWriter,
+    TensorSpec,
+    staged_output,
+    write_json,
+)
+from megatron_forge.convert.mapping import Rule, family_mapping, stacked_shapes
+from megatron_forge.convert.reader import MegatronCheckpoint
+from megatron_forge.data.tokenizer import Tokenizer, TokenizerLoadError, load_tokenizer
+
+EMBEDDING = "embedding.word_embeddings.weight"
+DEFAULT_MAX_SHARD = "5GB"
+
+
+def open_tokenizer(ckpt: MegatronCheckpoint, path: Optional[str]) -> Tokenizer:
+    """--tokenizer, else the data.tokenizer of the run that saved the checkpoint."""
+    path = path or ckpt.tokenizer_path
+    if path is None:
+        raise ConvertError(
+            f"{ckpt.path} names no tokenizer (its data.tokenizer is unset); pass --tokenizer "
+            "PATH (a SentencePiece .model, a tokenizer.json, or a directory holding one)"
+        )
+    try:
+        return load_tokenizer(path)
+    except TokenizerLoadError as err:
+        raise ConvertError(f"{err}; pass --tokenizer PATH to use another") from None
+
+
+def export_vocab_size(model: ModelConfig, tokenizer: Tokenizer) -> int:
+    """Rows the export keeps: model.vocab_size when set (as training used), else the
+    tokenizer's vocabulary; megatron's padding rows beyond it are dropped."""
+    if model.vocab_size is not None and model.vocab_size < tokenizer.vocab_size:
+        raise ConvertError(
+            f"model.vocab_size={model.vocab_size} is smaller than the tokenizer's "
+            f"{tokenizer.vocab_size} tokens; pass the tokenizer the model was trained with"
+        )
+    return model.vocab_size or tokenizer.vocab_size
+
+
+def checked_rules(ckpt: MegatronCheckpoint, vocab_size: int) -> list[Rule]:
+    """The family's rules for this checkpoint, after checking every tensor's shape against
+    the stored config and that no model tensor would be left out."""
+    model = ckpt.model
+    if not ckpt.has(EMBEDDING):
+        raise ConvertError(f"{ckpt.path} has no {EMBEDDING}: not a GPT checkpoint")
+    padded = ckpt.shape(EMBEDDING)[0]
+    if padded < vocab_size:
+        raise ConvertError(
+            f"{ckpt.path}: {EMBEDDING} has {padded} rows, fewer than the vocabulary "
+            f"({vocab_size}); the checkpoint does not match its tokenizer/config"
+        )
+    rules = family_mapping(model.family).rules(model, vocab_size, padded)
+    problems = []
+    for key, shape in stacked_shapes(rules, model).items():
+        if not ckpt.has(key):
+            problems.append(f"missing {key}")
+        elif ckpt.shape(key) != shape:
+            problems.append(f"{key} is {list(ckpt.shape(key))}, the config implies {list(shape)}")
+    used = {ckpt.resolve(k) for r in rules for k in r.megatron if ckpt.has(k)}
+    unused = sorted(k for k in ckpt.tensors if k not in used and "_extra_state" not in k)
+    if unused:
+        problems.append(f"tensors the {model.family} mapping does not convert: {unused[:8]}")
+    if problems:
+        raise ConvertError(
+            f"{ckpt.path} does not match its stored config ({_describe(model)}): "
+            + "; ".join(problems[:10])
+        )
+    return rules
+
+
+def _describe(model: ModelConfig) -> str:
+    text = (
+        f"family={model.family} num_layers={model.num_layers} hidden_size={model.hidden_size} "
+        f"heads={model.num_attention_heads} query_groups={model.num_query_groups} "
+        f"ffn={model.ffn_hidden_size}"
+    )
+    return text + (f" experts={model.num_experts}" if model.num_experts else "")
+
+
+def hf_config_json(model: ModelConfig, vocab_size: int, tok: Tokenizer, dtype: torch.dtype):
+    config = family_mapping(model.family).hf_config(model, vocab_size)
+    config.update(token_ids(tok))
+    config.update(torch_dtype=HF_DTYPE_NAMES[dtype], dtype=HF_DTYPE_NAMES[dtype])
+    return config
+
+
+def token_ids(tok: Tokenizer) -> dict[str, Any]:
+    ids: dict[str, Any] = {"bos_token_id": tok.bos, "eos_token_id": tok.eos}
+    if tok.pad >= 0:
+        ids["pad_token_id"] = tok.pad
+    return ids
+
+
+def iter_hf_tensors(ckpt: MegatronCheckpoint, rules: list[Rule], dtype: torch.dtype):
+    """Yield (name, tensor) in rule order, reading one rule's megatron tensors at a time."""
+    for rule in rules:
+        tensors = {key: ckpt.read(key, rule.index) for key in rule.megatron}
+        converted = rule.to_hf(tensors)
+        del tensors
+        for name in rule.hf:
+            yield name, converted.pop(name).to(dtype)
+
+
+def export_hf(
+    ckpt_dir: str | Path,
+    out_dir: str | Path,
+    iteration: Optional[int] = None,
+    dtype: Optional[str] = None,
+    tokenizer: Optional[str] = None,
+    overwrite: bool = False,
+    max_shard_size: int = 5 * 10**9,
+) -> Path:
+    """Convert one iteration of a checkpoint to a Hugging Face directory; return it."""
+    ckpt = MegatronCheckpoint(ckpt_dir, iteration)
+    model = ckpt.model
+    tok = open_tokenizer(ckpt, tokenizer)
+    vocab_size = export_vocab_size(model, tok)
+    rules = checked_rules(ckpt, vocab_size)
+    out_dtype = DTYPE_NAMES[dtype] if dtype else ckpt.dtype(EMBEDDING)
+    specs = [TensorSpec(n, s, out_dtype) for r in rules for n, s in r.hf.items()]
+    with staged_output(out_dir, overwrite) as staging:
+        writer = ShardedSafetensorsWriter(staging, specs, max_shard_size)
+        total = sum(s.num_bytes for s in specs)
+        with tqdm(total=total, desc="to-hf", unit="B", unit_scale=True, file=sys.stderr) as bar:
+            for name, tensor in iter_hf_tensors(ckpt, rules, out_dtype):
+                writer.write(name, tensor)
+                bar.update(tensor.numel() * tensor.element_size())
+        writer.close()
+        write_json(staging / "config.json", hf_config_json(model, vocab_size, tok, out_dtype))
+        write_json(
+            staging / "generation_config.json", {"_from_model_config": True, **token_ids(tok)}
+        )
+        tok.save_pretrained_files(staging)
+    return Path(out_dir)

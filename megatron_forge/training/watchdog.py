@@ -1,0 +1,131 @@
+"""Hang detection: exit (and requeue) when training stops making progress.
+
+Each rank runs a daemon thread that writes a heartbeat file
+``<logging.dir>/heartbeat/rank{R}.json`` (its last completed step, host, pid, time) every
+few seconds and checks when this rank last completed a step. When that is longer ago than
+``train.hang_timeout_s`` (a peer stopped with SIGSTOP, a collective that never returns, a
+dead node), the thread reads every rank's heartbeat, names the stalled ones (a stale
+heartbeat means a frozen process; a lower step count means a rank that fell behind),
+asks Slurm to requeue the job and exits the process with :data:`EXIT_HUNG`, so the
+allocation is not burned waiting on NCCL/gloo timeouts.
+
+Files rather than the c10d store: the store is served by rank 0's process, so it freezes
+with rank 0, while reading a file never blocks on another process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+import torch.distributed as dist
+
+from megatron_forge.training.callbacks import Callback
+from megatron_forge.training.preemption import requeue_slurm_job
+
+if TYPE_CHECKING:
+    from megatron_forge.training.trainer import Trainer
+
+EXIT_HUNG = 4
+"""Exit status of a rank whose watchdog fired."""
+
+
+def describe_stalled(heartbeats: dict[int, dict[str, Any]], now: float, stale_s: float) -> str:
+    """One line per rank that looks stalled: frozen (stale heartbeat) or behind (fewer
+    steps than the most advanced rank). Empty when every rank looks alike."""
+    if not heartbeats:
+        return ""
+    top_step = max(hb["step"] for hb in heartbeats.values())
+    lines = []
+    for rank, hb in sorted(heartbeats.items()):
+        age = now - hb["time"]
+        if age > stale_s:
+            why = f"no heartbeat for {age:.0f} s, last at step {hb['step']} (frozen or dead)"
+        elif hb["step"] < top_step:
+            why = f"behind: at step {hb['step']}, others at {top_step}"
+        else:
+            continue
+        lines.append(f"  rank {rank} on host {hb['host']} (pid {hb['pid']}): {why}")
+    return "\n".join(lines)
+
+
+class HangWatchdog(Callback):
+    def __init__(self, run_dir: str | Path, timeout_s: float, max_requeues: int) -> None:
+        self.dir = Path(run_dir) / "heartbeat"
+        self.timeout_s = timeout_s
+        self.max_requeues = max_requeues
+        self.interval_s = min(5.0, timeout_s / 4)
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.host = socket.gethostname()
+        self.step = 0
+        self.last_progress = time.monotonic()
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def _beat(self) -> None:
+        record = {"step": self.step, "time": time.time(), "host": self.host, "pid": os.getpid()}
+        path = self.dir / f"rank{self.rank}.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record))
+        os.replace(tmp, path)
+
+    def _read_all(self) -> dict[int, dict[str, Any]]:
+        beats = {}
+        for rank in range(self.world):
+            try:
+                beats[rank] = json.loads((self.dir / f"rank{rank}.json").read_text())
+            except (OSError, ValueError):
+                continue
+        return beats
+
+    def _fire(self) -> None:
+        idle = time.monotonic() - self.last_progress
+        beats = self._read_all()
+        stalled = describe_stalled(beats, time.time(), stale_s=3 * self.interval_s)
+        missing = sorted(set(range(self.world)) - set(beats))
+        message = (
+            f"watchdog: rank {self.rank} on host {self.host} completed no training step for "
+            f"{idle:.0f} s (train.hang_timeout_s={self.timeout_s:g}; last step {self.step}).\n"
+            + (f"Stalled ranks:\n{stalled}\n" if stalled else "")
+            + (f"No heartbeat file from ranks {missing}.\n" if missing else "")
+        )
+        why_not = requeue_slurm_job(self.max_requeues)
+        message += "Requeued the Slurm job." if why_not is None else f"Not requeued: {why_not}."
+        print(message, file=sys.stderr, flush=True)
+        os._exit(EXIT_HUNG)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self._beat()
+            except OSError:
+                pass  # a full or flaky filesystem must not kill training
+            if time.monotonic() - self.last_progress > self.timeout_s:
+                self._fire()
+
+    def _progress(self, trainer: Trainer) -> None:
+        self.step = trainer.step
+        self.last_progress = time.monotonic()
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._progress(trainer)
+        self._beat()
+        self._thread = threading.Thread(target=self._loop, name="forge-watchdog", daemon=True)
+        self._thread.start()
+
+    def on_step_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+        self._progress(trainer)
+
+    def on_eval_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+        self._progress(trainer)
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        self._stop.set()

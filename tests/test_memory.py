@@ -1,0 +1,120 @@
+"""megatron_forge.memory: a hand-computed case per term, and the shipped large configs fit
+80 GB GPUs at the world sizes their comments state (and the comments match the function)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from megatron_forge.config import ConfigError, load_config
+from megatron_forge.memory import GB, estimate_memory
+
+REPO = Path(__file__).resolve().parents[1]
+
+SMALL_LLAMA = [
+    "model.num_layers=2",
+    "model.hidden_size=64",
+    "model.ffn_hidden_size=192",
+    "model.num_attention_heads=4",
+    "model.num_query_groups=2",
+    "model.seq_length=128",
+    "model.vocab_size=1000",
+    "train.micro_batch_size=2",
+    "train.global_batch_size=8",
+    "parallel.tensor=2",
+    "parallel.sequence_parallel=true",
+    "precision.params_dtype=bf16",
+]
+
+
+def test_hand_computed_dense_tp2_dp2() -> None:
+    """TP=2 with SP, DP=2, bf16, distributed optimizer, world size 4."""
+    est = estimate_memory(load_config(None, SMALL_LLAMA), world_size=4)
+    # Per layer: QO 2*64*64 + KV 2*64*32 (2 of 4 heads' width: 64/4*2) = 12288, SwiGLU
+    # 3*64*192 = 36864 -> 49152 split over TP, + 2 norms of 64 replicated.
+    # Vocab 1000 padded to a multiple of 128 x TP=2 -> 1024; embedding and output 1024*64.
+    per_gpu = 2 * (49152 // 2 + 128) + 2 * (1024 * 64 // 2) + 64
+    assert est.params_per_gpu == per_gpu == 115008
+    assert est.num_params == 2 * (49152 + 128) + 2 * 1024 * 64 + 64 == 229696
+    assert est.weights_gb * GB == pytest.approx(2 * per_gpu)  # bf16
+    assert est.grads_gb * GB == pytest.approx(4 * per_gpu)  # fp32 grad buffer
+    assert est.optimizer_gb * GB == pytest.approx(12 * per_gpu / 2)  # sharded over DP=2
+    # s*b*h*(34 + 5*a*s/h)/t per layer: 128*2*64*(34 + 5*4*128/64)/2 = 606208; 2 layers.
+    assert est.activations_gb * GB == pytest.approx(2 * 606208)
+    assert est.stage == "only"
+    assert est.total_gb == pytest.approx(
+        est.weights_gb + est.grads_gb + est.optimizer_gb + est.activations_gb
+    )
+    assert str(est).startswith(f"{est.total_gb:.1f} GB/GPU = weights ")
+
+
+def test_hand_computed_moe_pp2_ep2_fp32() -> None:
+    """Mixtral-style, PP=2 (1F1B: 2 microbatches in flight on the first stage), EP=2, fp32."""
+    cfg = load_config(
+        None,
+        [
+            "model.family=mixtral",
+            "model.num_layers=2",
+            "model.hidden_size=64",
+            "model.ffn_hidden_size=128",
+            "model.num_attention_heads=4",
+            "model.num_query_groups=2",
+            "model.num_experts=4",
+            "model.seq_length=128",
+            "model.vocab_size=1000",
+            "train.micro_batch_size=1",
+            "train.global_batch_size=4",
+            "parallel.pipeline=2",
+            "parallel.expert=2",
+            "precision.params_dtype=fp32",
+        ],
+    )
+    est = estimate_memory(cfg, world_size=4)  # DP=2, expert-DP = 4 / (PP 2 x EP 2) = 1
+    # One layer per stage: attention 12288 + norms 128 + router 4*64 (whole), experts
+    # 4*3*64*128 = 98304 over EP=2. First stage adds the 1024x64 embedding.
+    dense, experts = 12288 + 128 + 256 + 1024 * 64, 98304 // 2
+    assert est.stage == "first"
+    assert est.params_per_gpu == dense + experts == 127360
+    assert est.weights_gb * GB == pytest.approx(4 * (dense + experts))
+    # fp32 params are their own master: Adam m and v, 8 bytes; dense over DP=2, experts
+    # over expert-DP=1.
+    assert est.optimizer_gb * GB == pytest.approx(8 * (dense / 2 + experts))
+    # fp32 activations: twice the formula's 16-bit bytes, 2 microbatches in flight.
+    assert est.activations_gb * GB == pytest.approx(2 * 2 * 128 * 64 * (34 + 5 * 4 * 128 / 64))
+
+
+def test_vocab_size_is_required() -> None:
+    with pytest.raises(ConfigError, match="vocab_size"):
+        estimate_memory(load_config(None, []), world_size=1)
+
+
+def _comment_estimate(config: Path) -> tuple[int, str]:
+    """(world size, 'X GB/GPU = ... activations Y') stated in a config's comment."""
+    text = config.read_text()
+    match = re.search(
+        r"Memory per GPU at world size (\d+).*?\n#\s+(\S+ GB/GPU = [^\n]*)", text, re.S
+    )
+    assert match, f"{config} has no 'Memory per GPU at world size N' comment"
+    return int(match.group(1)), match.group(2).strip()
+
+
+@pytest.mark.parametrize("name", ["llama_7b", "llama_70b", "mixtral_8x7b"])
+def test_large_configs_fit_80gb_and_comments_match(name: str) -> None:
+    config = REPO / "configs" / f"{name}.yaml"
+    world_size, stated = _comment_estimate(config)
+    cfg = load_config(config)
+    cfg.validate(world_size, cuda_available=True, te_available=True)
+    est = estimate_memory(cfg, world_size)
+    assert est.total_gb < 80, f"{name}: {est}"
+    assert str(est).startswith(stated), f"{config}'s comment is stale; now: {est}"
+
+
+def test_cli_prints_the_estimate(capsys: pytest.CaptureFixture[str]) -> None:
+    from megatron_forge.memory import main
+
+    assert main([str(REPO / "configs/llama_70b.yaml")]) == 0  # launch section: 64 x 8
+    assert "world size 512" in capsys.readouterr().out
+    assert main([str(REPO / "configs/llama_70b.yaml"), "--world-size", "100"]) == 2
+    assert "not divisible" in capsys.readouterr().err
