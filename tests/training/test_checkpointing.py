@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -190,6 +192,27 @@ def test_retention_keeps_last_and_every(sample_data: Path, tmp_path: Path) -> No
     assert proc.wait(timeout=600) == 0
     kept = sorted(p.name for p in ckpt.glob("iter_*"))
     assert kept == ["iter_0000004", "iter_0000008", "iter_0000010", "iter_0000012"]
+
+    # tools/inspect_checkpoint.py lists, summarizes and verifies; then spots a torn copy
+    tool = [sys.executable, str(REPO / "tools/inspect_checkpoint.py")]
+    out = subprocess.run(
+        [*tool, str(ckpt), "--verify", "--tensors"], capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"{ckpt}: tracker -> 12" in out.stdout
+    assert "iter_0000012: iteration 12, consumed samples 96, optimizer state: True" in out.stdout
+    assert "saved under layout: tensor=1 pipeline=1 context=1 data=1 expert=1" in out.stdout
+    assert "decoder.layers.self_attention.linear_qkv.weight" in out.stdout
+    assert "verify: OK, complete and readable" in out.stdout
+    torn = tmp_path / "torn" / "iter_0000012"
+    shutil.copytree(ckpt / "iter_0000012", torn)
+    shard = sorted(torn.glob("*.distcp"))[0]
+    os.truncate(shard, shard.stat().st_size // 2)
+    out = subprocess.run(
+        [*tool, str(torn), "--verify"], capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 1
+    assert f"PROBLEM: {shard} is truncated" in out.stdout
 
 
 def test_retention_rule() -> None:
