@@ -8,19 +8,40 @@ from __future__ import annotations
 
 import itertools
 import math
+import resource
 import time
 from collections.abc import Iterator
 from typing import Any, Optional
 
 import torch
+import torch.distributed as dist
 
 from megatron_forge import checkpointing
 from megatron_forge.config import Config, ConfigError
 from megatron_forge.data.datasets import build_datasets, load_run_tokenizer, microbatch_iterator
 from megatron_forge.models import build_model, build_transformer_config
 from megatron_forge.training.callbacks import Callback
+from megatron_forge.training.moe_metrics import MoEMetrics
 from megatron_forge.training.optim import build_optimizer, build_scheduler, wrap_ddp
 from megatron_forge.training.step import forward_step, reduce_reported_loss
+
+
+class TimedIterator:
+    """Wraps the data stream to measure time spent waiting for batches (``wait_s``)."""
+
+    def __init__(self, inner: Iterator) -> None:
+        self.inner = inner
+        self.wait_s = 0.0
+
+    def __iter__(self) -> TimedIterator:
+        return self
+
+    def __next__(self) -> Any:
+        start = time.perf_counter()
+        try:
+            return next(self.inner)
+        finally:
+            self.wait_s += time.perf_counter() - start
 
 
 class Trainer:
@@ -32,13 +53,26 @@ class Trainer:
         self.callbacks = callbacks
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
+        self.world_size = world_size
         self.num_microbatches = cfg.num_microbatches(world_size)
+        self.num_skipped = 0
+        self.num_nan = 0
 
         self.tokenizer = load_run_tokenizer(cfg)
         vocab_size = self._vocab_size()
         self.tf_config = build_transformer_config(cfg)
         self.model = wrap_ddp(cfg, self.tf_config, build_model(cfg, self.tf_config, vocab_size))
         self.optimizer = build_optimizer(cfg, self.model)
+        self.moe_metrics = (
+            MoEMetrics(
+                self.model,
+                cfg.model.num_layers,
+                cfg.model.num_experts,
+                cfg.parallel.sequence_parallel,
+            )
+            if cfg.model.num_experts
+            else None
+        )
         self.scheduler = build_scheduler(cfg, self.optimizer)
         # Hooks megatron's schedules call: grad all-reduce + per-token scaling at the end
         # of the backward passes, and loss scaling for fp16.
@@ -72,9 +106,12 @@ class Trainer:
     ) -> list[Iterator]:
         """One microbatch stream per model chunk: each virtual pipeline chunk consumes
         the same microbatches in its own order, as megatron's interleaved schedule expects."""
-        stream = microbatch_iterator(
-            dataset, self.cfg, self.dp_rank, self.dp_size, start_sample, num_steps
+        stream = TimedIterator(
+            microbatch_iterator(
+                dataset, self.cfg, self.dp_rank, self.dp_size, start_sample, num_steps
+            )
         )
+        self.data_timer = stream
         return list(itertools.tee(stream, len(self.model))) if len(self.model) > 1 else [stream]
 
     def _forward_backward(self, data: list[Iterator], forward_only: bool) -> float:
@@ -94,6 +131,7 @@ class Trainer:
     def train_step(self) -> dict[str, Any]:
         """One optimizer step over a global batch; returns its metrics."""
         start = time.perf_counter()
+        self.data_timer.wait_s = 0.0
         for chunk in self.model:
             chunk.train()
             chunk.zero_grad_buffer()
@@ -103,17 +141,44 @@ class Trainer:
         self.scheduler.step(increment=self.cfg.train.global_batch_size)
         self.step += 1
         self.consumed_samples += self.cfg.train.global_batch_size
-        elapsed = time.perf_counter() - start
-        tokens = self.cfg.train.global_batch_size * self.cfg.model.seq_length
-        return {
+        self.num_skipped += not update_ok
+        self.num_nan += not math.isfinite(loss)
+        metrics = {
             "step": self.step,
             "loss": loss,
             "lr": self.optimizer.param_groups[0]["lr"],
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "skipped": not update_ok,
+            "skipped_steps": self.num_skipped,
+            "nan_steps": self.num_nan,
             "consumed_samples": self.consumed_samples,
-            "step_time_s": elapsed,
-            "tokens_per_s": tokens / elapsed,
+            "data_wait_s": self.data_timer.wait_s,
+        }
+        if self.moe_metrics is not None:
+            metrics.update(self.moe_metrics.collect(self.num_microbatches))
+        metrics.update(self._timing(time.perf_counter() - start))
+        return metrics
+
+    def _timing(self, elapsed: float) -> dict[str, float]:
+        """Step time (this rank, slowest, fastest), throughput and peak memory (max over
+        ranks), with one all-reduce."""
+        if torch.cuda.is_available():
+            peak_gb = torch.cuda.max_memory_allocated() / 1e9
+        else:  # CPU: the process's peak resident set (KiB on Linux)
+            peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+        stats = torch.tensor([elapsed, -elapsed, peak_gb], dtype=torch.float64)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            stats = stats.to("cuda" if torch.cuda.is_available() else "cpu")
+            dist.all_reduce(stats, op=dist.ReduceOp.MAX)
+        slowest, fastest, peak = stats[0].item(), -stats[1].item(), stats[2].item()
+        tokens = self.cfg.train.global_batch_size * self.cfg.model.seq_length
+        return {
+            "step_time_s": slowest,  # the step ends when the slowest rank finishes
+            "step_time_min_s": fastest,
+            "step_time_rank_s": elapsed,
+            "tokens_per_s": tokens / slowest,
+            "tokens_per_s_per_gpu": tokens / slowest / self.world_size,
+            "peak_mem_gb": peak,
         }
 
     @torch.no_grad()
