@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -287,6 +288,10 @@ class LaunchConfig:
     max_requeues: int = 10
 
     def __post_init__(self) -> None:
+        _require(
+            re.fullmatch(r"(\d+-)?\d+(:\d{1,2}){0,2}", self.time) is not None,
+            f"launch.time={self.time!r} is not a Slurm time limit; use MM, HH:MM:SS or D-HH:MM:SS",
+        )
         _require(self.nodes >= 1, "launch.nodes must be >= 1")
         _require(self.gpus_per_node >= 1, "launch.gpus_per_node must be >= 1")
 
@@ -414,6 +419,21 @@ class Config:
 # Loading: YAML + dotted overrides -> typed tree, with clear errors
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """safe_load that refuses duplicate keys (PyYAML silently keeps the last one)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _suggest(name: str, options: list[str]) -> str:
     close = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
     return f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(options)}"
@@ -459,8 +479,12 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
         _require(isinstance(value, bool), f"{where}={value!r} must be true or false")
         return value
     if hint is str:
-        _require(isinstance(value, (str, int, float)), f"{where}={value!r} must be a string")
-        return str(value)
+        # Strict on purpose: YAML turns an unquoted 4:00:00 into the integer 14400.
+        _require(
+            isinstance(value, str),
+            f'{where}={value!r} must be a string; quote it in YAML (e.g. "4:00:00")',
+        )
+        return value
     return value
 
 
@@ -517,7 +541,7 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
         path = Path(path)
         _require(path.is_file(), f"config file {path} does not exist")
         try:
-            values = yaml.safe_load(path.read_text()) or {}
+            values = yaml.load(path.read_text(), Loader=_StrictLoader) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"{path} is not valid YAML: {err}") from None
         _require(isinstance(values, dict), f"{path} must hold a mapping of sections")

@@ -72,7 +72,7 @@ def test_type_errors_name_field() -> None:
     with pytest.raises(ConfigError, match=r"model.num_layers=2.5 must be an integer"):
         _cfg("model.num_layers=2.5")
     with pytest.raises(
-        ConfigError, match=r"model.family='gpt' must be one of \['llama', 'mixtral'\]"
+        ConfigError, match=r"model.family='gpt' must be one of \['llama', 'qwen2', 'mixtral'\]"
     ):
         _cfg("model.family=gpt")
 
@@ -230,3 +230,18 @@ def test_sequence_and_context_parallel_need_te() -> None:
     ):
         _validate(cfg, 2)
     _validate(_cfg("parallel.context=2", "precision.params_dtype=bf16"), 2, cuda=True, te=True)
+
+
+def test_duplicate_yaml_key_is_an_error(tmp_path: Path) -> None:
+    path = tmp_path / "dup.yaml"
+    path.write_text("train:\n  lr: 1.0e-3\ntrain:\n  lr: 2.0e-3\n")
+    with pytest.raises(ConfigError, match=r"dup.yaml is not valid YAML: .*duplicate key 'train'"):
+        load_config(path)
+
+
+def test_time_must_be_a_quoted_slurm_limit() -> None:
+    with pytest.raises(ConfigError, match=r"launch.time=14400 must be a string; quote it"):
+        _cfg("launch.time=4:00:00")  # YAML reads unquoted 4:00:00 as 14400
+    with pytest.raises(ConfigError, match=r"launch.time='4h' is not a Slurm time limit"):
+        _cfg('launch.time="4h"')
+    assert _cfg('launch.time="1-12:00:00"').launch.time == "1-12:00:00"
