@@ -263,7 +263,8 @@ class Checkpointer:
         # Before the first step the optimizer holds no state to save (megatron's
         # distributed optimizer refuses); such a checkpoint is an initialization.
         with_optimizer = step > 0
-        state = _sharded_state(trainer, with_optimizer, with_rng=True, is_loading=False)
+        with trainer.params_synced():
+            state = _sharded_state(trainer, with_optimizer, with_rng=True, is_loading=False)
         state.update(
             iteration=step,
             consumed_samples=trainer.consumed_samples,

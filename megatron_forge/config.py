@@ -57,7 +57,10 @@ class ModelConfig:
     moe_aux_loss_coeff: float = 0.01
     moe_ffn_hidden_size: Optional[int] = None
     """Expert SwiGLU inner size; default: ffn_hidden_size."""
-    moe_token_dispatcher: Literal["alltoall", "allgather"] = "alltoall"
+    moe_token_dispatcher: Literal["alltoall", "allgather", "flex"] = "alltoall"
+    """Token dispatch: alltoall (EP default), allgather, or flex (DeepEP, CUDA only)."""
+    moe_grouped_gemm: Optional[bool] = None
+    """One grouped GEMM for all local experts (TE); None: on when TE is usable."""
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length"):
@@ -116,6 +119,16 @@ class ParallelConfig:
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = True
     """ZeRO-1: shard optimizer state over data-parallel ranks."""
+    overlap_grad_reduce: bool = False
+    """Overlap the data-parallel gradient reduce with the backward pass (bucketed)."""
+    overlap_param_gather: bool = False
+    """Overlap the distributed optimizer's parameter all-gather with the next forward."""
+    grad_bucket_size_mb: Optional[float] = None
+    """DDP bucket size for overlapped reduction; None: megatron-core's default."""
+    tp_comm_overlap: bool = False
+    """Overlap TP communication with GEMMs (Transformer Engine userbuffers; needs SP)."""
+    cp_comm_type: Literal["p2p", "all_gather", "a2a", "a2a+p2p"] = "p2p"
+    """Context-parallel attention communication (TE): ring p2p, all-gather, or all-to-all."""
 
     def __post_init__(self) -> None:
         for name in ("tensor", "pipeline", "context", "expert"):
@@ -130,6 +143,16 @@ class ParallelConfig:
             not self.sequence_parallel or self.tensor > 1,
             "parallel.sequence_parallel=true requires parallel.tensor > 1; "
             "set sequence_parallel: false or raise tensor",
+        )
+        _require(
+            not self.overlap_param_gather
+            or (self.use_distributed_optimizer and self.overlap_grad_reduce),
+            "parallel.overlap_param_gather=true needs parallel.use_distributed_optimizer=true "
+            "and parallel.overlap_grad_reduce=true",
+        )
+        _require(
+            not self.tp_comm_overlap or self.sequence_parallel,
+            "parallel.tp_comm_overlap=true needs parallel.sequence_parallel=true (and TP > 1)",
         )
 
     @property
@@ -218,6 +241,62 @@ class PrecisionConfig:
     fp8_recipe: Literal["delayed", "tensorwise", "mxfp8"] = "delayed"
     fp8_amax_history_len: int = 1024
     fp8_amax_compute_algo: Literal["max", "most_recent"] = "max"
+    fp8_param_gather: bool = False
+    """Keep parameters in FP8 and all-gather them in FP8 (distributed optimizer)."""
+    first_last_layers_bf16: bool = False
+    """Keep the first/last transformer layers out of FP8 (not with the delayed recipe)."""
+    num_layers_at_start_in_bf16: int = 1
+    num_layers_at_end_in_bf16: int = 1
+
+    def __post_init__(self) -> None:
+        _require(
+            not self.fp8_param_gather or self.fp8 is not None,
+            "precision.fp8_param_gather=true needs precision.fp8 (hybrid or e4m3)",
+        )
+        _require(
+            not self.first_last_layers_bf16 or self.fp8_recipe != "delayed",
+            "precision.first_last_layers_bf16 is not supported with "
+            "precision.fp8_recipe=delayed; use tensorwise or mxfp8",
+        )
+        if self.fp8 is not None:
+            _require(
+                self.params_dtype == "bf16",
+                f"precision.fp8={self.fp8} needs precision.params_dtype=bf16",
+            )
+
+
+RECOMPUTE_MODULES = ("core_attn", "mlp", "moe", "moe_act", "layernorm", "shared_experts")
+
+
+@dataclass
+class RecomputeConfig:
+    """Activation recomputation, mapped onto megatron-core's recompute_* fields."""
+
+    granularity: Optional[Literal["selective", "full"]] = None
+    """selective: recompute the listed modules; full: whole layers; None: keep activations."""
+    method: Optional[Literal["uniform", "block"]] = None
+    """full only: uniform (every num_layers-layer unit) or block (first num_layers per stage)."""
+    num_layers: Optional[int] = None
+    modules: list[str] = field(default_factory=lambda: ["core_attn"])
+    """selective only: any of core_attn, mlp, moe, moe_act, layernorm, shared_experts."""
+
+    def __post_init__(self) -> None:
+        if self.granularity == "full":
+            _require(
+                self.method is not None and self.num_layers is not None and self.num_layers >= 1,
+                "recompute.granularity=full needs recompute.method (uniform or block) and "
+                "recompute.num_layers >= 1",
+            )
+        else:
+            _require(
+                self.method is None and self.num_layers is None,
+                "recompute.method and recompute.num_layers apply only to granularity=full",
+            )
+        bad = sorted(set(self.modules) - set(RECOMPUTE_MODULES))
+        _require(
+            not bad,
+            f"recompute.modules has unknown entries {bad}; choose from {list(RECOMPUTE_MODULES)}",
+        )
 
 
 @dataclass
@@ -307,6 +386,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    recompute: RecomputeConfig = field(default_factory=RecomputeConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
@@ -393,6 +473,40 @@ class Config:
                 te_available,
                 f"parallel.context={p.context} needs Transformer Engine's attention; install "
                 "the [gpu] extra on a CUDA machine or set parallel.context: 1",
+            )
+        r = self.recompute
+        if r.granularity == "full" and r.method == "block":
+            per_stage = m.num_layers // stages
+            _require(
+                r.num_layers <= per_stage,
+                f"recompute.num_layers={r.num_layers} exceeds the {per_stage} layers per "
+                "pipeline stage (recompute.method=block)",
+            )
+        if r.granularity == "selective" and "moe_act" in r.modules:
+            _require(
+                te_available and m.moe_grouped_gemm is not False,
+                "recompute.modules=[moe_act] needs grouped GEMM experts (Transformer Engine)",
+            )
+        if p.tp_comm_overlap:
+            _require(
+                te_available,
+                "parallel.tp_comm_overlap=true needs Transformer Engine on CUDA; set it false",
+            )
+        if m.moe_token_dispatcher == "flex":
+            _require(
+                cuda_available and te_available,
+                "model.moe_token_dispatcher=flex needs CUDA, Transformer Engine and DeepEP; "
+                "use alltoall",
+            )
+        if m.moe_grouped_gemm:
+            _require(
+                te_available,
+                "model.moe_grouped_gemm=true needs Transformer Engine on CUDA; set it null",
+            )
+        if self.precision.fp8_param_gather:
+            _require(
+                p.use_distributed_optimizer,
+                "precision.fp8_param_gather=true needs parallel.use_distributed_optimizer=true",
             )
         if self.precision.fp8 is not None:
             _require(

@@ -77,15 +77,43 @@ def build_transformer_config(cfg: Config) -> Any:
         batch_p2p_comm=on_gpu,
     )
     if cfg.model.num_experts is not None:
-        fields["moe_grouped_gemm"] = transformer_engine_available()
-    if cfg.precision.fp8 is not None:
-        fields.update(
-            fp8=cfg.precision.fp8,
-            fp8_recipe=cfg.precision.fp8_recipe,
-            fp8_amax_history_len=cfg.precision.fp8_amax_history_len,
-            fp8_amax_compute_algo=cfg.precision.fp8_amax_compute_algo,
-        )
+        fields["moe_grouped_gemm"] = grouped_gemm(cfg)
+    if cfg.parallel.context > 1:
+        fields["cp_comm_type"] = cfg.parallel.cp_comm_type
+    fields.update(performance_fields(cfg))
     return TransformerConfig(**fields)
+
+
+def grouped_gemm(cfg: Config) -> bool:
+    """model.moe_grouped_gemm, or on whenever Transformer Engine is usable."""
+    choice = cfg.model.moe_grouped_gemm
+    return transformer_engine_available() if choice is None else choice
+
+
+def performance_fields(cfg: Config) -> dict[str, Any]:
+    """TransformerConfig fields of the GPU fast path: FP8, recompute, TP comm overlap."""
+    fields: dict[str, Any] = {"tp_comm_overlap": cfg.parallel.tp_comm_overlap}
+    pr = cfg.precision
+    if pr.fp8 is not None:
+        fields.update(
+            fp8=pr.fp8,
+            fp8_recipe=pr.fp8_recipe,
+            fp8_amax_history_len=pr.fp8_amax_history_len,
+            fp8_amax_compute_algo=pr.fp8_amax_compute_algo,
+            fp8_param=pr.fp8_param_gather,
+            first_last_layers_bf16=pr.first_last_layers_bf16,
+            num_layers_at_start_in_bf16=pr.num_layers_at_start_in_bf16,
+            num_layers_at_end_in_bf16=pr.num_layers_at_end_in_bf16,
+        )
+    r = cfg.recompute
+    if r.granularity is not None:
+        fields.update(
+            recompute_granularity=r.granularity,
+            recompute_method=r.method,
+            recompute_num_layers=r.num_layers,
+            recompute_modules=list(r.modules) if r.granularity == "selective" else None,
+        )
+    return fields
 
 
 def layer_spec(cfg: Config) -> Any:
@@ -95,7 +123,7 @@ def layer_spec(cfg: Config) -> Any:
     num_experts = cfg.model.num_experts
     if transformer_engine_available():
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
-            num_experts=num_experts, moe_grouped_gemm=num_experts is not None
+            num_experts=num_experts, moe_grouped_gemm=num_experts is not None and grouped_gemm(cfg)
         )
     return gpt_layer_specs.get_gpt_layer_local_spec(
         num_experts=num_experts, moe_grouped_gemm=False, normalization="RMSNorm"

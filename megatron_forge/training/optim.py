@@ -11,23 +11,49 @@ from megatron_forge.config import Config
 
 def wrap_ddp(cfg: Config, tf_config: Any, chunks: list[torch.nn.Module]) -> list[Any]:
     """Wrap each model chunk in megatron-core's DDP (contiguous fp32 grad buffers)."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed import DistributedDataParallel
 
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
-        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
-    )
-    return [
+    ddp = [
         DistributedDataParallel(
             config=tf_config,
-            ddp_config=ddp_config,
+            ddp_config=ddp_config(cfg),
             module=chunk,
             # Megatron-LM buckets only the first chunk; the rest reduce in one go.
             disable_bucketing=index > 0,
         )
         for index, chunk in enumerate(chunks)
     ]
+    set_overlap_hooks(cfg, tf_config, ddp)
+    return ddp
+
+
+def ddp_config(cfg: Config) -> Any:
+    """megatron-core's DDP config: fp32 grad buffers, optional overlapped reduce/gather."""
+    from megatron.core.distributed import DistributedDataParallelConfig
+
+    p = cfg.parallel
+    bucket = int(p.grad_bucket_size_mb * 2**20) if p.grad_bucket_size_mb else None
+    return DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=p.overlap_grad_reduce,
+        overlap_param_gather=p.overlap_param_gather,
+        align_param_gather=p.overlap_param_gather and p.virtual_pipeline is not None,
+        use_distributed_optimizer=p.use_distributed_optimizer,
+        bucket_size=bucket,
+        fp8_param_gather=cfg.precision.fp8_param_gather,
+    )
+
+
+def set_overlap_hooks(cfg: Config, tf_config: Any, model: list[Any]) -> None:
+    """What megatron's pipeline schedules call to overlap communication (as Megatron-LM)."""
+    p = cfg.parallel
+    if p.overlap_grad_reduce:
+        no_sync = [chunk.no_sync for chunk in model]
+        tf_config.no_sync_func = no_sync[0] if len(model) == 1 else no_sync
+        if p.virtual_pipeline is not None:  # reduce each chunk's grads as soon as it is done
+            tf_config.grad_sync_func = [chunk.start_grad_sync for chunk in model]
+    if p.overlap_param_gather and p.virtual_pipeline is not None:
+        tf_config.param_sync_func = [chunk.start_param_sync for chunk in model]
 
 
 def build_optimizer(cfg: Config, model: list[Any]) -> Any:

@@ -6,6 +6,7 @@ the loop. The per-step work is :meth:`train_step`; side concerns are callbacks.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import resource
@@ -181,16 +182,32 @@ class Trainer:
             "peak_mem_gb": peak,
         }
 
+    @contextlib.contextmanager
+    def params_synced(self) -> Iterator[None]:
+        """With overlap_param_gather the updated parameters arrive during the next forward;
+        evaluation and checkpoint saves need them now (megatron's blocking param sync)."""
+        overlapped = self.cfg.parallel.overlap_param_gather
+        if overlapped:
+            for chunk in self.model:
+                chunk.disable_forward_pre_hook(param_sync=True)
+        try:
+            yield
+        finally:
+            if overlapped:
+                for chunk in self.model:
+                    chunk.enable_forward_pre_hook()
+
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
         """Mean loss over ``eval_iters`` global batches, the same ones at every evaluation."""
         for chunk in self.model:
             chunk.eval()
         data = self._iterators(self.valid_ds, num_steps=self.cfg.train.eval_iters)
-        losses = [
-            self._forward_backward(data, forward_only=True)
-            for _ in range(self.cfg.train.eval_iters)
-        ]
+        with self.params_synced():
+            losses = [
+                self._forward_backward(data, forward_only=True)
+                for _ in range(self.cfg.train.eval_iters)
+            ]
         val_loss = sum(losses) / len(losses)
         return {"step": self.step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}
 
