@@ -11,11 +11,13 @@
   data-parallel ranks (x context parallel; expert-data-parallel for experts) when
   ``parallel.use_distributed_optimizer`` (ZeRO-1);
 - activations: Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large
-  Transformer Models"), no recomputation: ``s*b*h*(34 + 5*a*s/h)`` bytes per layer and
+  Transformer Models"), without recomputation ``s*b*h*(34 + 5*a*s/h)`` bytes per layer and
   microbatch (16-bit activations), divided by TP with sequence parallelism, else
   ``s*b*h*(10 + 24/t + 5*a*s/(h*t))``; ``s`` is the sequence per context-parallel rank.
   The first stage holds ``min(PP, microbatches)`` microbatches in flight under 1F1B
-  (x ``1 + (PP-1)/(PP*VP)`` when interleaved).
+  (x ``1 + (PP-1)/(PP*VP)`` when interleaved). ``recompute`` reduces this: selective
+  recompute of core attention drops the score term, full recompute keeps a layer's input;
+  the last stage adds one microbatch of logits and fp32 softmax (6 bytes x tokens x vocab/TP).
 
 It is an estimate, not a bound: flash attention (Transformer Engine) does not store the
 ``s x s`` scores (the ``5*a*s/h`` term), SwiGLU and top-k MoE MLPs store more than the
@@ -90,17 +92,28 @@ def _layer_params(cfg: Config) -> _LayerParams:
     return _LayerParams(attention, experts, norms + h * m.num_experts)
 
 
-def _activation_bytes_per_layer(cfg: Config) -> float:
-    """Korthikanti et al.'s activation bytes of one layer and one microbatch on one GPU."""
-    m, p = cfg.model, cfg.parallel
+def _activation_bytes_per_stage(cfg: Config, layers: int) -> float:
+    """Korthikanti et al.'s activation bytes of ``layers`` layers and one microbatch on one
+    GPU, after activation recomputation (``recompute``): selective recompute of core
+    attention drops the ``5*a*s/h`` score term; a fully recomputed layer keeps only its
+    input (``2*s*b*h`` bytes, / TP with sequence parallelism)."""
+    m, p, r = cfg.model, cfg.parallel, cfg.recompute
     s = m.seq_length / p.context  # each context-parallel rank holds a slice of the sequence
     b, h, a, t = cfg.train.micro_batch_size, m.hidden_size, m.num_attention_heads, p.tensor
+    scores = 5 * a * s / h
+    if r.granularity == "selective" and "core_attn" in r.modules:
+        scores = 0.0
     if p.sequence_parallel or t == 1:
-        per_token = (34 + 5 * a * s / h) / t
+        per_token = (34 + scores) / t
     else:
-        per_token = 10 + 24 / t + 5 * a * s / (h * t)
+        per_token = 10 + 24 / t + scores / t
     scale = BYTES_PER_PARAM[cfg.precision.params_dtype] / 2  # the formula counts 16-bit
-    return s * b * h * per_token * scale
+    full_layer = s * b * h * per_token * scale
+    if r.granularity != "full":
+        return layers * full_layer
+    recomputed = layers if r.method == "uniform" else min(r.num_layers, layers)
+    input_only = 2 * s * b * h * scale / (t if p.sequence_parallel else 1)
+    return recomputed * input_only + (layers - recomputed) * full_layer
 
 
 def _microbatches_in_flight(cfg: Config, world_size: int) -> float:
@@ -150,7 +163,11 @@ def estimate_memory(
     weight_bytes = BYTES_PER_PARAM[cfg.precision.params_dtype]
     optim_bytes = 8 if cfg.precision.params_dtype == "fp32" else 12
     shard = p.use_distributed_optimizer
-    act_per_layer = _activation_bytes_per_layer(cfg)
+    act_per_stage = _activation_bytes_per_stage(cfg, layers_per_stage)
+    # The loss stage also holds one microbatch's logits (16-bit) and megatron's fp32
+    # vocab-parallel softmax: 6 bytes per (token, vocab entry / TP); large for 128k vocabs.
+    tokens = m.seq_length / p.context * cfg.train.micro_batch_size
+    logits = tokens * (m.vocab_size or 0) / p.tensor * 6
     estimates = []
     for stage, (dense, in_flight) in stages.items():
         params = dense + experts
@@ -165,7 +182,8 @@ def estimate_memory(
                 weights_gb=params * weight_bytes / GB,
                 grads_gb=params * GRAD_BYTES / GB,
                 optimizer_gb=optimizer / GB,
-                activations_gb=act_per_layer * layers_per_stage * in_flight / GB,
+                activations_gb=(act_per_stage * in_flight + logits * (stage in ("last", "only")))
+                / GB,
                 stage=stage,
             )
         )
