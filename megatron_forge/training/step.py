@@ -31,7 +31,11 @@ def loss_func(
 
 def forward_step(data_iterator: Iterator[dict[str, torch.Tensor]], model: Any) -> tuple:
     """Run one microbatch through this pipeline stage; megatron calls loss_func at the end."""
-    batch = next(data_iterator)
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    # Context parallel: each CP rank keeps 2 of 2*CP sequence chunks (load-balanced for
+    # causal attention); a no-op without CP.
+    batch = get_batch_on_this_cp_rank(next(data_iterator))
     output = model(
         batch["tokens"],
         batch["position_ids"],
