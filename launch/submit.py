@@ -285,7 +285,7 @@ def print_submitted(cfg: Config, job: Any, args: argparse.Namespace) -> None:
         url = f"https://wandb.ai/{lg.wandb_entity or '<entity>'}/{lg.wandb_project}"
         print(f"  W&B ({lg.wandb_mode}): {url}; rank 0's log prints the run URL when it starts")
         if lg.wandb_mode == "offline":
-            print(f"  upload offline runs: wandb sync {lg.dir}/wandb")
+            print(f"  upload offline runs: wandb sync {lg.dir}/wandb/offline-run-*")
     sys.stdout.flush()  # before --wait blocks: a pipe (tee, CI) shows the job id now
 
 

@@ -38,8 +38,12 @@ def validate_for_world(cfg: Config, world_size: int) -> None:
 
 def build_callbacks(cfg: Config) -> list:
     """The side concerns of a run, in hook order: the watchdog first (its clock), the
-    saver before the logger (which reports save time), preemption last (it exits)."""
+    saver before the loggers (which report save time), throughput before the loggers (it
+    adds TFLOP/s and MFU to the metrics), preemption last (it exits)."""
     from megatron_forge.checkpointing import Checkpointer, CheckpointSaver
+    from megatron_forge.monitoring.tensorboard import TensorBoardLogger
+    from megatron_forge.monitoring.throughput import ThroughputMonitor
+    from megatron_forge.monitoring.wandb_logger import WandbLogger
     from megatron_forge.training.callbacks import MetricsLogger
     from megatron_forge.training.preemption import PreemptionHandler
     from megatron_forge.training.watchdog import HangWatchdog
@@ -54,7 +58,13 @@ def build_callbacks(cfg: Config) -> list:
     )
     if checkpointer:
         callbacks.append(CheckpointSaver(checkpointer))
-    callbacks.append(MetricsLogger(cfg.logging.dir, cfg.logging.log_interval))
+    lg = cfg.logging
+    callbacks.append(ThroughputMonitor(cfg))
+    callbacks.append(MetricsLogger(lg.dir, lg.log_interval))
+    if lg.wandb_project and lg.wandb_mode != "disabled":
+        callbacks.append(WandbLogger(cfg))
+    if lg.tensorboard:
+        callbacks.append(TensorBoardLogger(lg.dir, lg.log_interval))
     callbacks.append(PreemptionHandler(checkpointer, cfg.launch.max_requeues))
     return callbacks
 

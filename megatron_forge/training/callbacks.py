@@ -59,16 +59,43 @@ class MetricsLogger(Callback):
             return
         self._write(metrics)
         if is_logging_rank():
-            print(
-                f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] iteration {step:>8d}/"
-                f"{trainer.cfg.train.train_iters:>8d} | consumed samples: "
-                f"{metrics['consumed_samples']:>10d} | elapsed time per iteration (ms): "
-                f"{metrics['step_time_s'] * 1000:.1f} | learning rate: {metrics['lr']:.3E} | "
-                f"global batch size: {trainer.cfg.train.global_batch_size:>4d} | "
-                f"lm loss: {metrics['loss']:.6E} | grad norm: {metrics['grad_norm']:.3f} | "
-                f"tokens/s: {metrics['tokens_per_s']:.1f}",
-                flush=True,
-            )
+            print(self.console_line(trainer, metrics), flush=True)
+
+    @staticmethod
+    def console_line(trainer: Trainer, m: dict[str, Any]) -> str:
+        """Megatron-LM's iteration line (so tools that parse its logs keep working), plus
+        MFU, tokens/s, memory and, when there are any, MoE and skipped/NaN counts."""
+        t = trainer.cfg.train
+        parts = [
+            f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] iteration {m['step']:>8d}/{t.train_iters:>8d}",
+            f"consumed samples: {m['consumed_samples']:>10d}",
+            f"elapsed time per iteration (ms): {m['step_time_s'] * 1000:.1f}",
+        ]
+        if "tflops_per_gpu" in m:
+            mfu = f"{m['mfu'] * 100:.1f}%" if "mfu" in m else "n/a"
+            parts.append(f"throughput per GPU (TFLOP/s/GPU): {m['tflops_per_gpu']:.4g}")
+            parts.append(f"MFU: {mfu}")
+        parts += [
+            f"learning rate: {m['lr']:.3E}",
+            f"global batch size: {t.global_batch_size:>4d}",
+            f"lm loss: {m['loss']:.6E}",
+        ]
+        if "moe_aux_loss" in m:
+            parts.append(f"moe aux loss: {m['moe_aux_loss']:.4E}")
+        if "moe_expert_load_imbalance" in m:
+            parts.append(f"expert load imbalance: {m['moe_expert_load_imbalance']:.3f}")
+        parts += [
+            f"grad norm: {m['grad_norm']:.3f}",
+            f"tokens/s: {m['tokens_per_s']:.1f}",
+            f"tokens/s/GPU: {m['tokens_per_s_per_gpu']:.1f}",
+            f"step time min/max (ms): {m['step_time_min_s'] * 1000:.1f}/"
+            f"{m['step_time_s'] * 1000:.1f}",
+            f"peak mem (GB): {m['peak_mem_gb']:.2f}",
+        ]
+        if m.get("skipped_steps") or m.get("nan_steps"):
+            parts.append(f"number of skipped iterations: {m['skipped_steps']:>3d}")
+            parts.append(f"number of nan iterations: {m['nan_steps']:>3d}")
+        return " | ".join(parts)
 
     def on_eval_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
         self._write(metrics)
