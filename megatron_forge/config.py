@@ -162,18 +162,53 @@ class ParallelConfig:
 
 @dataclass
 class DataConfig:
+    """Where training data comes from: megatron indexed datasets (``format: indexed``, the
+    default: ``blend`` + ``split``, or ``blend_per_split``) or WebDataset tar shards
+    (``format: webdataset``: ``train_shards`` / ``valid_shards``)."""
+
+    format: Literal["indexed", "webdataset"] = "indexed"
+    """``indexed``: megatron .bin/.idx datasets from tools/preprocess_data.py, blended and
+    split by megatron-core. ``webdataset``: tar shards of fixed-length token sequences from
+    tools/make_webdataset.py, streamed (local paths or ``pipe:`` URLs); blend, split and
+    blend_per_split are then not used."""
     blend: list[Any] = field(default_factory=list)
     """Dataset prefixes (``PREFIX_text_document``), optionally weighted:
     ``[path]`` or ``[0.7, path_a, 0.3, path_b]`` (Megatron-LM's data_path format)."""
     split: str = "98,2,0"
     """Train/valid/test proportions of the blend."""
+    blend_per_split: Optional[dict[str, list[Any]]] = None
+    """Separate blends per split instead of ``blend`` + ``split`` (Megatron-LM's
+    --train-data-path/--valid-data-path/--test-data-path): a mapping with ``train`` and
+    optionally ``valid`` and ``test``, each in ``blend``'s format, e.g.
+    ``{train: [0.7, a, 0.3, b], valid: [c]}``. ``test`` is checked but not read (training
+    has no test loop)."""
     tokenizer: Optional[str] = None
-    """SentencePiece .model, HF tokenizer.json or a directory holding one."""
+    """SentencePiece .model, HF tokenizer.json, a directory holding one, or a name in
+    tokenizers/."""
     cache_dir: Optional[str] = None
     """Where megatron-core writes its sample index cache; default: <logging.dir>/data_cache."""
     eod_mask_loss: bool = False
     """Exclude end-of-document tokens from the loss."""
     num_workers: int = 0
+    """DataLoader worker processes per rank (0: load in the training process). With
+    webdataset each worker reads its own shards, so the order depends on this number too."""
+    train_shards: list[str] = field(default_factory=list)
+    """format=webdataset: the training shards. Each entry is a manifest written by
+    tools/make_webdataset.py (``.../NAME.json``, which lists the shards and their sample
+    counts: resume then skips whole shards without reading them) or shard URLs: a path, a
+    glob, a brace pattern (``shards/web-{000000..000099}.tar``) or a ``pipe:`` command
+    (``pipe:aws s3 cp s3://bucket/web-000000.tar -``)."""
+    valid_shards: list[str] = field(default_factory=list)
+    """format=webdataset: validation shards, as train_shards; empty: no validation."""
+    shuffle_buffer: int = 1024
+    """format=webdataset: samples shuffled together (a seeded permutation of each block of
+    this many consecutive samples of a reader's stream; shard order is also reshuffled every
+    epoch). A resume re-reads at most one block plus one shard per reader. 0 or 1: no
+    shuffling within shards."""
+    log_sample_ids: bool = False
+    """Append the ids of the samples each rank trains on to
+    ``<logging.dir>/sample_ids/train_rank<R>.txt``, one line per microbatch (indexed: the
+    sample index; webdataset: the sample key). For auditing data order and resumes."""
 
     def __post_init__(self) -> None:
         parts = self.split.split(",")
@@ -181,19 +216,78 @@ class DataConfig:
             len(parts) == 3 and all(p.strip().replace(".", "", 1).isdigit() for p in parts),
             f"data.split={self.split!r} must be three comma-separated numbers like '98,2,0'",
         )
-        if self.blend and not isinstance(self.blend[0], str):
+        self._check_blend(self.blend, "data.blend")
+        _require(self.num_workers >= 0, f"data.num_workers={self.num_workers} must be >= 0")
+        _require(
+            self.shuffle_buffer >= 0, f"data.shuffle_buffer={self.shuffle_buffer} must be >= 0"
+        )
+        if self.blend_per_split is not None:
+            self._check_blend_per_split()
+        for name in ("train_shards", "valid_shards"):
+            shards = getattr(self, name)
             _require(
-                len(self.blend) % 2 == 0
-                and all(isinstance(w, (int, float)) for w in self.blend[::2])
-                and all(isinstance(p, str) for p in self.blend[1::2]),
-                "data.blend must be [prefix, ...] or [weight, prefix, weight, prefix, ...]",
+                all(isinstance(s, str) and s for s in shards),
+                f"data.{name} must be a list of manifest paths or shard URLs (strings)",
             )
+        if self.format == "webdataset":
+            _require(
+                bool(self.train_shards),
+                "data.format=webdataset needs data.train_shards: shard URLs or the manifest "
+                "(NAME.json) written by tools/make_webdataset.py",
+            )
+
+    @staticmethod
+    def _check_blend(blend: Any, where: str) -> None:
+        _require(isinstance(blend, list), f"{where} must be a list of prefixes")
+        if blend and not isinstance(blend[0], str):
+            _require(
+                len(blend) % 2 == 0
+                and all(isinstance(w, (int, float)) for w in blend[::2])
+                and all(isinstance(p, str) for p in blend[1::2]),
+                f"{where} must be [prefix, ...] or [weight, prefix, weight, prefix, ...]",
+            )
+            _require(
+                all(w >= 0 for w in blend[::2]) and sum(blend[::2]) > 0,
+                f"{where} weights must be >= 0 and not all 0",
+            )
+        else:
+            _require(all(isinstance(p, str) for p in blend), f"{where} must list prefixes")
+
+    def _check_blend_per_split(self) -> None:
+        per_split = self.blend_per_split
+        _require(
+            isinstance(per_split, dict) and set(per_split) <= {"train", "valid", "test"},
+            f"data.blend_per_split={per_split!r} must be a mapping with keys train, valid, "
+            "test (e.g. {train: [0.7, a, 0.3, b], valid: [c]})",
+        )
+        _require(
+            bool(per_split.get("train")), "data.blend_per_split needs a non-empty 'train' blend"
+        )
+        _require(
+            not self.blend,
+            "data.blend and data.blend_per_split are both set; use blend + split, or "
+            "blend_per_split (set data.blend=[])",
+        )
+        for name, blend in per_split.items():
+            self._check_blend(blend or [], f"data.blend_per_split.{name}")
 
     def prefixes_and_weights(self) -> tuple[list[str], Optional[list[float]]]:
         """The blend as megatron-core's (prefixes, weights) pair."""
-        if not self.blend or isinstance(self.blend[0], str):
-            return list(self.blend), None
-        return list(self.blend[1::2]), [float(w) for w in self.blend[::2]]
+        return self.split_blend(self.blend)
+
+    @staticmethod
+    def split_blend(blend: list[Any]) -> tuple[list[str], Optional[list[float]]]:
+        """A blend in ``data.blend``'s format as megatron-core's (prefixes, weights) pair."""
+        if not blend or isinstance(blend[0], str):
+            return list(blend), None
+        return list(blend[1::2]), [float(w) for w in blend[::2]]
+
+    def all_prefixes(self) -> list[str]:
+        """Every dataset prefix the config names (blend or blend_per_split)."""
+        if self.blend_per_split is None:
+            return self.prefixes_and_weights()[0]
+        blends = [b or [] for b in self.blend_per_split.values()]
+        return [p for blend in blends for p in self.split_blend(blend)[0]]
 
 
 @dataclass
@@ -334,15 +428,47 @@ class CheckpointConfig:
 @dataclass
 class LoggingConfig:
     dir: str = "runs/default"
-    """Run directory: metrics.jsonl, resolved config, caches."""
+    """Run directory: metrics.jsonl, resolved config, caches, wandb/ and tensorboard/."""
     log_interval: int = 1
+    """Log metrics (console, metrics.jsonl, W&B, TensorBoard) every N steps and at the last."""
     wandb_project: Optional[str] = None
+    """W&B project; W&B logs only when this is set (and wandb_mode is not disabled)."""
     wandb_entity: Optional[str] = None
+    """W&B user or team; default: the API key's default entity."""
     wandb_run_name: Optional[str] = None
-    wandb_mode: Literal["online", "offline", "disabled"] = "disabled"
+    """Display name of the W&B run; default: the last component of logging.dir."""
+    wandb_mode: Literal["online", "offline", "disabled"] = "online"
+    """online falls back to offline (said once in the log) when no API key is configured
+    (WANDB_API_KEY or a netrc entry); offline runs land in <dir>/wandb/, upload them later
+    with ``wandb sync``."""
+    wandb_tags: list[str] = field(default_factory=list)
+    """Tags of the W&B run (e.g. [llama, 7b, ablation])."""
+    wandb_group: Optional[str] = None
+    """W&B group, to show related runs (a sweep, the jobs of an ablation) together."""
+    tensorboard: bool = False
+    """Also write TensorBoard event files to <dir>/tensorboard/."""
+    peak_tflops: Optional[float] = None
+    """Peak dense TFLOP/s of one GPU, the denominator of MFU; default: looked up from the
+    GPU's name (BF16, or FP8 when precision.fp8 is set). Set it for GPUs not in
+    megatron_forge/monitoring/flops.py."""
 
     def __post_init__(self) -> None:
         _require(self.log_interval >= 1, "logging.log_interval must be >= 1")
+        _require(
+            all(isinstance(t, str) and t for t in self.wandb_tags),
+            f"logging.wandb_tags={self.wandb_tags!r} must be a list of non-empty strings; "
+            "quote tags that YAML reads as numbers",
+        )
+        _require(
+            all(len(t) <= 64 for t in self.wandb_tags),
+            "logging.wandb_tags: W&B tags are at most 64 characters; shorten "
+            + ", ".join(repr(t) for t in self.wandb_tags if len(t) > 64),
+        )
+        _require(
+            self.peak_tflops is None or self.peak_tflops > 0,
+            f"logging.peak_tflops={self.peak_tflops} must be positive (a GPU's dense TFLOP/s, "
+            "e.g. 989 for an H100 SXM in BF16), or null to look it up from the GPU name",
+        )
 
 
 @dataclass
