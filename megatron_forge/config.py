@@ -166,11 +166,12 @@ class DataConfig:
     default: ``blend`` + ``split``, or ``blend_per_split``) or WebDataset tar shards
     (``format: webdataset``: ``train_shards`` / ``valid_shards``)."""
 
-    format: Literal["indexed", "webdataset"] = "indexed"
+    format: Literal["indexed", "webdataset", "mock"] = "indexed"
     """``indexed``: megatron .bin/.idx datasets from tools/preprocess_data.py, blended and
     split by megatron-core. ``webdataset``: tar shards of fixed-length token sequences from
     tools/make_webdataset.py, streamed (local paths or ``pipe:`` URLs); blend, split and
-    blend_per_split are then not used."""
+    blend_per_split are then not used. ``mock``: synthetic tokens (megatron-core's
+    MockGPTDataset) for benchmarks and smoke tests; needs model.vocab_size, reads no files."""
     blend: list[Any] = field(default_factory=list)
     """Dataset prefixes (``PREFIX_text_document``), optionally weighted:
     ``[path]`` or ``[0.7, path_a, 0.3, path_b]`` (Megatron-LM's data_path format)."""

@@ -1,23 +1,35 @@
-"""Training and validation batches from megatron indexed datasets.
+"""Training and validation batches: megatron indexed datasets or WebDataset shards.
 
-Datasets are megatron-core's GPTDataset, blended and split by its
-BlendedMegatronDatasetBuilder (which caches its sample index in ``data.cache_dir``).
-Sample order is a function of the seed alone. Each global batch is the contiguous range
-of samples ``[step * global_batch, (step + 1) * global_batch)``, cut into equal parts per
-data-parallel rank and then into microbatches, so the same step sees the same samples
-under every parallel layout and a resumed run continues at ``consumed_samples``.
+``data.format: indexed`` (default): megatron-core's GPTDataset, blended and split by its
+BlendedMegatronDatasetBuilder (which caches its sample index in ``data.cache_dir``), from
+``data.blend`` + ``data.split`` or from ``data.blend_per_split``. Sample order is a function
+of the seed alone. Each global batch is the contiguous range of samples
+``[step * global_batch, (step + 1) * global_batch)``, cut into equal parts per data-parallel
+rank and then into microbatches, so the same step sees the same samples under every
+parallel layout and a resumed run continues at ``consumed_samples``.
+
+``data.format: webdataset``: tar shards streamed by :mod:`megatron_forge.data.webdataset`,
+whose order is a function of the seed, the data-parallel rank and size and the number of
+workers, and which resumes at ``consumed_samples`` as well.
 """
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Sampler
 
 from megatron_forge.config import Config, ConfigError
+from megatron_forge.data.webdataset import (
+    WebDatasetSplit,
+    build_webdatasets,
+    check_shards,
+    webdataset_microbatches,
+)
 
 
 class MicroBatchSampler(Sampler[list[int]]):
@@ -73,46 +85,95 @@ def load_run_tokenizer(cfg: Config) -> Any:
 
 
 def check_data_paths(cfg: Config) -> None:
-    """Fail fast, before any process group exists, on missing datasets or tokenizer."""
-    prefixes, _ = cfg.data.prefixes_and_weights()
+    """Fail fast, before any process group exists, on missing or broken data or tokenizer."""
+    if cfg.data.format == "webdataset":
+        check_shards(cfg, load_run_tokenizer(cfg))
+        return
+    if cfg.data.format == "mock":
+        if cfg.model.vocab_size is None:
+            raise ConfigError("data.format=mock needs model.vocab_size (there is no tokenizer)")
+        return
+    prefixes = cfg.data.all_prefixes()
     if not prefixes:
         raise ConfigError("data.blend is empty; set it to dataset prefixes (see README)")
-    _check_prefixes(prefixes)
+    _check_prefixes(prefixes, _blend_field(cfg))
     load_run_tokenizer(cfg)
 
 
-def _check_prefixes(prefixes: list[str]) -> None:
+def _blend_field(cfg: Config) -> str:
+    return "data.blend" if cfg.data.blend_per_split is None else "data.blend_per_split"
+
+
+def _check_prefixes(prefixes: list[str], where: str = "data.blend") -> None:
+    """Every prefix has a .bin/.idx pair whose sizes agree (before megatron-core maps them)."""
+    from megatron_forge.data.indexed import IndexedDatasetError, check_indexed_dataset
+
     for prefix in prefixes:
         for suffix in (".bin", ".idx"):
             if not Path(prefix + suffix).is_file():
                 raise ConfigError(
-                    f"data.blend: {prefix}{suffix} does not exist; data.blend lists prefixes "
+                    f"{where}: {prefix}{suffix} does not exist; {where} lists prefixes "
                     "written by tools/preprocess_data.py (e.g. out/corpus_text_document)"
                 )
+        try:
+            check_indexed_dataset(prefix)
+        except IndexedDatasetError as err:
+            raise ConfigError(f"{where}: {err}") from None
 
 
-def build_datasets(cfg: Config, tokenizer: Any) -> tuple[Dataset, Optional[Dataset]]:
-    """Train and validation GPTDatasets sized for the run (validation None if unused)."""
-    from megatron.core.datasets.blended_megatron_dataset_builder import (
-        BlendedMegatronDatasetBuilder,
-    )
-    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
-
-    prefixes, weights = cfg.data.prefixes_and_weights()
-    _check_prefixes(prefixes)
+def _split_sizes(cfg: Config) -> list[int]:
+    """Samples the run draws from train, valid and test."""
     t = cfg.train
     num_evals = t.train_iters // t.eval_interval + 1 if t.eval_interval else 0
-    sizes = [
+    return [
         max(t.train_iters, 1) * t.global_batch_size,
         num_evals * t.eval_iters * t.global_batch_size,
         0,
     ]
+
+
+def _blend_config(cfg: Config, sizes: list[int]) -> dict[str, Any]:
+    """GPTDatasetConfig's blend arguments: blend + split, or blend_per_split."""
+    data = cfg.data
+    if data.blend_per_split is None:
+        return {"blend": data.prefixes_and_weights(), "split": data.split}
+    per_split = []
+    for name, size in zip(("train", "valid", "test"), sizes):
+        blend = data.blend_per_split.get(name)
+        # Test is never read; megatron-core would build (and cache) it all the same.
+        per_split.append(data.split_blend(blend) if blend and size else None)
+    return {"blend": None, "blend_per_split": per_split, "split": None}
+
+
+def build_datasets(cfg: Config, tokenizer: Any) -> tuple[Any, Optional[Any]]:
+    """Train and validation datasets sized for the run (validation None if unused).
+
+    Indexed: megatron-core GPTDatasets (or BlendedDatasets); webdataset: WebDatasetSplits.
+    """
+    if cfg.data.format == "webdataset":
+        return build_webdatasets(cfg, tokenizer)
+    from megatron.core.datasets.blended_megatron_dataset_builder import (
+        BlendedMegatronDatasetBuilder,
+    )
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+
+    sizes = _split_sizes(cfg)
+    if cfg.data.format == "mock":
+        from megatron.core.tokenizers.text.libraries.null_tokenizer import NullTokenizer
+
+        # megatron-core builds mock data when there is no blend; NullTokenizer(n) has
+        # n + 1 ids, the last one being end-of-document.
+        tokenizer = NullTokenizer(cfg.model.vocab_size - 1)
+        blend: dict[str, Any] = {"blend": None, "split": cfg.data.split}
+        dataset_class = MockGPTDataset
+    else:
+        _check_prefixes(cfg.data.all_prefixes(), _blend_field(cfg))
+        blend = _blend_config(cfg, sizes)
+        dataset_class = GPTDataset
     cache = cfg.data.cache_dir or str(Path(cfg.logging.dir) / "data_cache")
     ds_config = GPTDatasetConfig(
-        random_seed=t.seed,
+        random_seed=cfg.train.seed,
         sequence_length=cfg.model.seq_length,
-        blend=(prefixes, weights),
-        split=cfg.data.split,
         path_to_cache=cache,
         tokenizer=tokenizer,
         reset_position_ids=False,
@@ -120,19 +181,20 @@ def build_datasets(cfg: Config, tokenizer: Any) -> tuple[Dataset, Optional[Datas
         eod_mask_loss=cfg.data.eod_mask_loss,
         create_attention_mask=False,
         mmap_bin_files=True,
+        **blend,
     )
     train, valid, _ = BlendedMegatronDatasetBuilder(
-        GPTDataset, sizes, lambda: True, ds_config
+        dataset_class, sizes, lambda: True, ds_config
     ).build()
     if train is None:
         raise ConfigError(
             f"data.split={cfg.data.split!r} leaves no training documents; give train a share"
         )
-    return train, (valid if num_evals else None)
+    return train, (valid if sizes[1] else None)
 
 
 def microbatch_iterator(
-    dataset: Dataset,
+    dataset: Any,
     cfg: Config,
     dp_rank: int,
     dp_size: int,
@@ -140,6 +202,9 @@ def microbatch_iterator(
     num_steps: Optional[int] = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """An iterator of this rank's microbatches (dicts of tokens/labels/loss_mask/...)."""
+    if isinstance(dataset, WebDatasetSplit):
+        batches = webdataset_microbatches(dataset, cfg, dp_rank, dp_size, start_sample, num_steps)
+        return _log_sample_ids(batches, cfg, dataset.split)
     sampler = MicroBatchSampler(
         len(dataset),
         start_sample,
@@ -155,4 +220,35 @@ def microbatch_iterator(
         num_workers=cfg.data.num_workers,
         persistent_workers=cfg.data.num_workers > 0,
     )
-    return iter(loader)
+    if not cfg.data.log_sample_ids:
+        return iter(loader)
+    # The sampler is deterministic: a second pass over it names the samples of each batch.
+    batches = ({**batch, "sample_keys": ids} for ids, batch in zip(sampler, loader))
+    return _log_sample_ids(batches, cfg, _split_name(dataset))
+
+
+def _split_name(dataset: Any) -> str:
+    split = getattr(dataset, "index_split", None) or getattr(dataset, "split", None)
+    return getattr(split, "name", str(split))
+
+
+def _log_sample_ids(batches: Iterator[dict], cfg: Config, split: str) -> Iterator[dict]:
+    """Drop the batches' sample keys, writing them down first if data.log_sample_ids."""
+    log = None
+    if cfg.data.log_sample_ids:
+        import torch.distributed as dist
+
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        path = Path(cfg.logging.dir) / "sample_ids" / f"{split}_rank{rank}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(path, "a")  # noqa: SIM115 - closed when the stream ends
+    try:
+        for batch in batches:
+            keys = batch.pop("sample_keys")
+            if log is not None:
+                log.write(" ".join(map(str, keys)) + "\n")
+                log.flush()
+            yield batch
+    finally:
+        if log is not None:
+            log.close()

@@ -1,6 +1,8 @@
 """The one tokenizer loader used by preprocessing, training and checkpoint conversion.
 
 `load_tokenizer(path)` accepts
+- a name registered in the checkout's `tokenizers/` folder (`tokenizers/NAME/`,
+  `tokenizers/NAME.model` or `tokenizers/NAME.json`),
 - a SentencePiece model file (`*.model`),
 - a Hugging Face `tokenizer.json` file,
 - a directory holding `tokenizer.json` (preferred, as `transformers` does) or `tokenizer.model`,
@@ -31,11 +33,11 @@ from typing import Any
 
 import sentencepiece as spm
 from megatron.core.tokenizers import MegatronTokenizerBase
-from tokenizers.models import BPE, Unigram
-
 from tokenizers import AddedToken, decoders, normalizers
 from tokenizers import Tokenizer as HFTokenizerModel
+from tokenizers.models import BPE, Unigram
 
+REGISTERED_DIR = Path(__file__).resolve().parents[2] / "tokenizers"
 NO_PAD_ID = -1  # megatron.core.datasets.megatron_dataset._PAD_TOKEN_ID
 HF_TOKENIZER_FILES = (
     "tokenizer.json",
@@ -85,6 +87,10 @@ class Tokenizer(MegatronTokenizerBase):
     def tokenize(self, text: str) -> list[int]:
         """Return the token ids of `text`, without BOS or EOS."""
         raise NotImplementedError
+
+    def tokenize_batch(self, texts: list[str]) -> list[list[int]]:
+        """Return `tokenize(text)` for each text, in one call into the backend (faster)."""
+        return [self.tokenize(text) for text in texts]
 
     def detokenize(self, ids: Any) -> str:
         """Return the text of `ids` (a list or a numpy array); special tokens are dropped."""
@@ -193,6 +199,10 @@ class SentencePieceTokenizer(Tokenizer):
     def tokenize(self, text: str) -> list[int]:
         return self._sp.encode(text)
 
+    def tokenize_batch(self, texts: list[str]) -> list[list[int]]:
+        # One thread: preprocessing parallelizes with processes, one per core.
+        return self._sp.encode(texts, num_threads=1)
+
     def detokenize(self, ids: Any) -> str:
         return self._sp.decode([int(i) for i in ids])
 
@@ -264,6 +274,11 @@ class HFTokenizer(Tokenizer):
     def tokenize(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
+    def tokenize_batch(self, texts: list[str]) -> list[list[int]]:
+        # encode_batch_fast skips offsets; threads follow TOKENIZERS_PARALLELISM.
+        encodings = self._tok.encode_batch_fast(texts, add_special_tokens=False)
+        return [encoding.ids for encoding in encodings]
+
     def detokenize(self, ids: Any) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
@@ -301,10 +316,31 @@ class HFTokenizer(Tokenizer):
         return written
 
 
+def registered_tokenizer(name: str) -> Path | None:
+    """The file or directory a bare name refers to in the checkout's tokenizers/ folder."""
+    if not name or "/" in name or name.startswith("."):
+        return None
+    for candidate in (name, f"{name}.model", f"{name}.json"):
+        path = REGISTERED_DIR / candidate
+        if path.is_file() and path.suffix in (".model", ".json"):
+            return path
+        if path.is_dir() and (
+            (path / "tokenizer.json").is_file() or (path / "tokenizer.model").is_file()
+        ):
+            return path
+    return None
+
+
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """Load a SentencePiece `.model`, a `tokenizer.json`, or a directory holding either."""
+    """Load a SentencePiece `.model`, a `tokenizer.json`, a directory holding either, or the
+    name of one in the checkout's tokenizers/ folder (`NAME/`, `NAME.model`, `NAME.json`)."""
+    expected = (
+        "a SentencePiece .model file, a tokenizer.json file, a directory with either, or a "
+        f"name registered in {REGISTERED_DIR}"
+    )
+    if not Path(path).expanduser().exists():
+        path = registered_tokenizer(str(path)) or path
     path = Path(path).expanduser()
-    expected = "a SentencePiece .model file, a tokenizer.json file, or a directory with either"
     if not path.exists():
         raise TokenizerLoadError(f"tokenizer path {path} does not exist; expected {expected}")
     if path.is_dir():

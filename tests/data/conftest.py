@@ -46,6 +46,16 @@ def spm_trainer() -> ModuleType:
 
 
 @pytest.fixture(scope="session")
+def bpe_trainer() -> ModuleType:
+    return load_script("tokenizers/train_hf_bpe.py")
+
+
+@pytest.fixture(scope="session")
+def webdataset_tool() -> ModuleType:
+    return load_script("tools/make_webdataset.py")
+
+
+@pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory: pytest.TempPathFactory, corpus_tool: ModuleType) -> Path:
     """About 150 kB of stdlib docstrings as jsonl."""
     path = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
@@ -94,3 +104,16 @@ def hf_tokenizer_json(tmp_path_factory: pytest.TempPathFactory, tiny_corpus: Pat
     path = tmp_path_factory.mktemp("hf") / "tokenizer.json"
     tok.save(str(path))
     return path
+
+
+@pytest.fixture(scope="module")
+def process_group(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A one-process gloo group: megatron-core's BlendedDataset asks for the rank."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        store = tmp_path_factory.mktemp("pg") / "store"
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,239 @@
+"""Raw pretraining text on disk: finding input files, reading them in chunks, parsing records.
+
+Inputs are jsonl (optionally gzip or zstd compressed: ``.jsonl.gz``, ``.jsonl.zst``; ``.json``
+is read as jsonl too) and parquet. A spec names one file, a directory (every supported file
+below it, sorted) or a glob. Files are read as streams of chunks so memory stays flat however
+large the corpus is; chunks keep their file and first line (or row) number, so every bad
+record is reported as ``file:line: reason``.
+
+Chunks are cheap to send to worker processes: a jsonl chunk is one bytes object, a parquet
+chunk an Arrow record batch (pickled buffer by buffer). Parsing happens in the worker.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst")
+PARQUET_SUFFIXES = (".parquet",)
+SUPPORTED = "jsonl (.jsonl, .jsonl.gz, .jsonl.zst) or parquet (.parquet)"
+MAX_CHUNK_BYTES = 8 << 20  # bounds a chunk of very long documents
+
+
+class BadRecordError(ValueError):
+    """A record that cannot be used; the message starts with ``file:line:``."""
+
+
+class InputError(ValueError):
+    """An input file that cannot be read at all (format, schema); names the file."""
+
+
+def is_supported(path: Path) -> bool:
+    name = path.name.lower()
+    return name.endswith(JSONL_SUFFIXES) or name.endswith(PARQUET_SUFFIXES)
+
+
+def is_parquet(path: Path | str) -> bool:
+    return str(path).lower().endswith(PARQUET_SUFFIXES)
+
+
+def resolve_inputs(spec: str) -> list[Path]:
+    """Return the input files named by a file, a directory (searched recursively) or a glob."""
+    path = Path(spec)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and is_supported(p))
+    elif path.is_file():
+        if not is_supported(path):
+            raise InputError(f"--input {spec}: unsupported file type; expected {SUPPORTED}")
+        files = [path]
+    else:
+        matches = sorted(glob.glob(spec, recursive=True))
+        files = [Path(p) for p in matches if Path(p).is_file() and is_supported(Path(p))]
+    if not files:
+        raise FileNotFoundError(
+            f"--input {spec}: no such file, and no {SUPPORTED} files in a directory or glob "
+            "of that name"
+        )
+    return files
+
+
+def iter_lines(path: Path) -> Iterator[bytes]:
+    """The raw lines of a jsonl file (newline kept), decompressing .gz and .zst on the fly.
+
+    A truncated compressed file raises (gzip: EOFError; zstd: InputError) rather than
+    ending early.
+    """
+    name = path.name.lower()
+    if name.endswith(".zst"):
+        yield from _split_lines(_zstd_blocks(path))
+        return
+    with gzip.open(path, "rb") if name.endswith(".gz") else open(path, "rb") as f:
+        yield from f
+
+
+def _zstd_blocks(path: Path, read_size: int = 1 << 20) -> Iterator[bytes]:
+    """Decompressed blocks of a zstd file of one or more frames; raises if a frame is cut."""
+    import zstandard
+
+    dctx = zstandard.ZstdDecompressor()
+    frame, in_frame = dctx.decompressobj(), False
+    with open(path, "rb") as f:
+        while data := f.read(read_size):
+            while data:
+                in_frame = True
+                out = frame.decompress(data)
+                if out:
+                    yield out
+                data = b""
+                if frame.eof:  # a frame ended: the rest of the input starts the next one
+                    data = frame.unused_data
+                    frame, in_frame = dctx.decompressobj(), False
+    if in_frame:
+        raise InputError(f"{path}: cannot decompress or read: the zstd frame is truncated")
+
+
+def _split_lines(blocks: Iterator[bytes]) -> Iterator[bytes]:
+    rest = b""
+    for block in blocks:
+        lines = (rest + block).split(b"\n")
+        rest = lines.pop()
+        for line in lines:
+            yield line + b"\n"
+    if rest:
+        yield rest
+
+
+def _read_errors() -> tuple[type[BaseException], ...]:
+    """What reading a corrupt or truncated (compressed) file raises."""
+    try:
+        import zstandard
+
+        return (OSError, EOFError, zstandard.ZstdError)
+    except ImportError:
+        return (OSError, EOFError)
+
+
+@dataclass
+class Chunk:
+    """Consecutive records of one file."""
+
+    path: str
+    first: int
+    """Line number (jsonl, from 1) or row index (parquet, from 0) of the first record."""
+    payload: Any
+    """jsonl: the raw lines joined (bytes); parquet: a pyarrow RecordBatch of the key columns."""
+    num_bytes: int
+
+
+def iter_chunks(files: list[Path], json_keys: list[str], lines_per_chunk: int) -> Iterator[Chunk]:
+    """Yield every file's records in order, ``lines_per_chunk`` at a time."""
+    for path in files:
+        if is_parquet(path):
+            yield from _parquet_chunks(path, json_keys, lines_per_chunk)
+        else:
+            yield from _jsonl_chunks(path, lines_per_chunk)
+
+
+def _jsonl_chunks(path: Path, lines_per_chunk: int) -> Iterator[Chunk]:
+    lines: list[bytes] = []
+    size, first = 0, 1
+    try:
+        for lineno, line in enumerate(iter_lines(path), 1):
+            if not lines:
+                first = lineno
+            lines.append(line)
+            size += len(line)
+            if len(lines) >= lines_per_chunk or size >= MAX_CHUNK_BYTES:
+                yield Chunk(str(path), first, b"".join(lines), size)
+                lines, size = [], 0
+    except _read_errors() as e:
+        raise InputError(f"{path}: cannot decompress or read: {e}") from None
+    if lines:
+        yield Chunk(str(path), first, b"".join(lines), size)
+
+
+def _parquet_chunks(path: Path, json_keys: list[str], rows_per_chunk: int) -> Iterator[Chunk]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except (OSError, pa.ArrowException) as e:
+        raise InputError(f"{path}: not a readable parquet file: {e}") from None
+    schema = parquet.schema_arrow
+    for key in json_keys:
+        if key not in schema.names:
+            raise InputError(f"{path}: missing column {key!r} (has {schema.names})")
+        kind = schema.field(key).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            raise InputError(f"{path}: column {key!r} is {kind}, expected strings")
+    row = 0
+    for batch in parquet.iter_batches(batch_size=rows_per_chunk, columns=json_keys):
+        yield Chunk(str(path), row, batch, batch.nbytes)
+        row += batch.num_rows
+
+
+def read_texts(path: str, lineno: int, line: bytes, json_keys: list[str]) -> dict[str, str]:
+    """Parse one jsonl line and return its text per key; raise BadRecordError if unusable."""
+    try:
+        record = json.loads(line)
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+        raise BadRecordError(f"{path}:{lineno}: invalid JSON ({e})") from None
+    if not isinstance(record, dict):
+        raise BadRecordError(
+            f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}"
+        )
+    texts = {}
+    for key in json_keys:
+        if key not in record:
+            raise BadRecordError(f"{path}:{lineno}: missing key {key!r} (has {sorted(record)})")
+        if not isinstance(record[key], str):
+            kind = type(record[key]).__name__
+            raise BadRecordError(f"{path}:{lineno}: {key!r} is {kind}, expected a string")
+        texts[key] = record[key]
+    return texts
+
+
+def chunk_records(chunk: Chunk, json_keys: list[str]) -> tuple[dict[str, list[str]], list[str]]:
+    """The texts of a chunk per key (records in order) and the reasons of its bad records.
+
+    Blank jsonl lines are not records: they are neither returned nor counted as bad.
+    """
+    texts: dict[str, list[str]] = {key: [] for key in json_keys}
+    bad: list[str] = []
+    if isinstance(chunk.payload, bytes):
+        for lineno, line in enumerate(chunk.payload.split(b"\n"), chunk.first):
+            if not line.strip():
+                continue
+            try:
+                record = read_texts(chunk.path, lineno, line, json_keys)
+            except BadRecordError as e:
+                bad.append(str(e))
+                continue
+            for key in json_keys:
+                texts[key].append(record[key])
+        return texts, bad
+    columns = [chunk.payload.column(key).to_pylist() for key in json_keys]
+    for offset, values in enumerate(zip(*columns)):
+        missing = [key for key, value in zip(json_keys, values) if value is None]
+        if missing:
+            bad.append(f"{chunk.path}:row {chunk.first + offset}: {missing[0]!r} is null")
+            continue
+        for key, value in zip(json_keys, values):
+            texts[key].append(value)
+    return texts, bad
+
+
+def iter_texts(files: list[Path], json_key: str) -> Iterator[str]:
+    """Every document's text, in order; stops at the first bad record (for tokenizer training)."""
+    for chunk in iter_chunks(files, [json_key], 1024):
+        texts, bad = chunk_records(chunk, [json_key])
+        if bad:
+            raise BadRecordError(bad[0])
+        yield from texts[json_key]

@@ -1,0 +1,162 @@
+"""Megatron indexed datasets (``PREFIX.bin`` + ``PREFIX.idx``): a streaming writer and a check.
+
+The format is megatron-core's (``megatron.core.datasets.indexed_dataset``), version 1:
+
+    .idx: b"MMIDIDX\\x00\\x00", version <Q (1), dtype code <B, sequence count S <Q,
+          document count D <Q, lengths int32[S], byte pointers int64[S], document
+          indices int64[D] (a trailing int8[S] of modes in multimodal datasets)
+    .bin: the tokens of every sequence, back to back, in the dtype of the code
+
+:class:`IndexedDatasetWriter` writes the same bytes as megatron-core's
+``IndexedDatasetBuilder`` but keeps the per-document lengths in a file rather than in Python
+lists, so memory stays flat for billions of documents. :func:`check_indexed_dataset` checks a
+pair's sizes against each other before megatron-core memory-maps it, which otherwise reads a
+truncated file as garbage or fails deep inside training.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+INDEX_HEADER = b"MMIDIDX\x00\x00"
+HEADER_BYTES = len(INDEX_HEADER) + 8 + 1 + 8 + 8  # magic, version, dtype, S, D
+# megatron.core.datasets.indexed_dataset.DType
+DTYPE_CODES: dict[int, type[np.number]] = {
+    1: np.uint8,
+    2: np.int8,
+    3: np.int16,
+    4: np.int32,
+    5: np.int64,
+    6: np.float64,
+    7: np.float32,
+    8: np.uint16,
+}
+COPY_ITEMS = 1 << 22  # items per block when streaming the index arrays
+REBUILD = "rerun tools/preprocess_data.py for this prefix"
+
+
+class IndexedDatasetError(ValueError):
+    """A .bin/.idx pair that megatron-core cannot read correctly; names the file."""
+
+
+def dtype_code(dtype: type[np.number]) -> int:
+    return next(code for code, value in DTYPE_CODES.items() if value == np.dtype(dtype).type)
+
+
+class IndexedDatasetWriter:
+    """Appends documents to ``BIN_PATH``; :meth:`finalize` writes the index next to it.
+
+    Lengths are spooled to ``BIN_PATH.lengths`` (4 bytes per document) and turned into the
+    index in blocks, so memory does not grow with the dataset.
+    """
+
+    def __init__(self, bin_path: str, dtype: type[np.number]) -> None:
+        self.bin_path = bin_path
+        self.dtype = np.dtype(dtype)
+        self.lengths_path = bin_path + ".lengths"
+        self._bin = open(bin_path, "wb")  # noqa: SIM115 - closed in finalize/discard
+        self._lengths = open(self.lengths_path, "wb")  # noqa: SIM115
+        self.num_documents = 0
+        self.num_tokens = 0
+
+    def add_documents(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """Append documents given as their tokens back to back and each one's length."""
+        self._bin.write(np.ascontiguousarray(tokens, dtype=self.dtype).tobytes())
+        self._lengths.write(np.ascontiguousarray(lengths, dtype=np.int32).tobytes())
+        self.num_documents += len(lengths)
+        self.num_tokens += int(tokens.size)
+
+    def finalize(self, idx_path: str) -> None:
+        """Close the .bin and write the .idx (megatron-core's layout, one sequence per doc)."""
+        self._bin.close()
+        self._lengths.close()
+        num = self.num_documents
+        lengths = np.memmap(self.lengths_path, np.int32, "r") if num else np.zeros(0, np.int32)
+        with open(idx_path, "wb") as f:
+            f.write(INDEX_HEADER + struct.pack("<Q", 1) + struct.pack("<B", dtype_code(self.dtype)))
+            f.write(struct.pack("<Q", num) + struct.pack("<Q", num + 1))
+            for start in range(0, num, COPY_ITEMS):
+                f.write(np.asarray(lengths[start : start + COPY_ITEMS]).tobytes())
+            offset = 0  # bytes before the current block
+            for start in range(0, num, COPY_ITEMS):
+                block = np.asarray(lengths[start : start + COPY_ITEMS], dtype=np.int64)
+                ends = np.cumsum(block) * self.dtype.itemsize + offset
+                f.write((ends - block * self.dtype.itemsize).tobytes())
+                offset = int(ends[-1])
+            for start in range(0, num + 1, COPY_ITEMS):
+                f.write(
+                    np.arange(start, min(start + COPY_ITEMS, num + 1), dtype=np.int64).tobytes()
+                )
+        del lengths
+        os.unlink(self.lengths_path)
+
+    def discard(self) -> None:
+        """Close and delete everything written so far."""
+        for handle in (self._bin, self._lengths):
+            handle.close()
+        for path in (self.bin_path, self.lengths_path):
+            Path(path).unlink(missing_ok=True)
+
+
+@dataclass
+class IndexSummary:
+    num_sequences: int
+    num_documents: int
+    dtype: type[np.number]
+
+
+def check_indexed_dataset(prefix: str) -> IndexSummary:
+    """Check that ``prefix.idx`` is complete and ``prefix.bin`` has the size it describes.
+
+    Raises IndexedDatasetError naming the file at fault. Reads the header and two numbers,
+    whatever the dataset's size.
+    """
+    idx, bin_ = prefix + ".idx", prefix + ".bin"
+    for path in (idx, bin_):
+        if not os.path.isfile(path):
+            raise IndexedDatasetError(f"{path} does not exist; {REBUILD}")
+    idx_size = os.path.getsize(idx)
+    with open(idx, "rb") as f:
+        header = f.read(HEADER_BYTES)
+    if len(header) < HEADER_BYTES:
+        raise IndexedDatasetError(
+            f"{idx} is {idx_size} bytes, shorter than the {HEADER_BYTES}-byte header: the index "
+            f"is truncated; {REBUILD}"
+        )
+    magic, (version,), code = header[:9], struct.unpack("<Q", header[9:17]), header[17]
+    if magic != INDEX_HEADER or version != 1:
+        raise IndexedDatasetError(
+            f"{idx} is not a megatron indexed dataset index (header {header[:17]!r}); {REBUILD}"
+        )
+    if code not in DTYPE_CODES:
+        raise IndexedDatasetError(f"{idx} has an unknown token dtype code {code}; {REBUILD}")
+    dtype = DTYPE_CODES[code]
+    num_seq, num_docs = struct.unpack("<QQ", header[18:34])
+    expected = HEADER_BYTES + num_seq * (4 + 8) + num_docs * 8
+    if idx_size not in (expected, expected + num_seq):  # + int8 modes when multimodal
+        raise IndexedDatasetError(
+            f"{idx} is {idx_size} bytes but its header describes {num_seq} sequences and "
+            f"{num_docs} documents ({expected} bytes): the index is truncated or corrupt; "
+            f"{REBUILD}"
+        )
+    bin_expected = 0
+    if num_seq:
+        index = np.memmap(idx, np.uint8, "r")
+        last_length = index[HEADER_BYTES + 4 * (num_seq - 1) :][:4].view(np.int32)[0]
+        pointers_at = HEADER_BYTES + 4 * num_seq
+        last_pointer = index[pointers_at + 8 * (num_seq - 1) :][:8].view(np.int64)[0]
+        bin_expected = int(last_pointer) + int(last_length) * np.dtype(dtype).itemsize
+        del index
+    bin_size = os.path.getsize(bin_)
+    if bin_size != bin_expected:
+        raise IndexedDatasetError(
+            f"{bin_} is {bin_size} bytes but {idx} describes {num_seq} sequences of "
+            f"{np.dtype(dtype).name} tokens = {bin_expected} bytes: the .bin is truncated or "
+            f"belongs to a different .idx; {REBUILD}"
+        )
+    return IndexSummary(num_seq, num_docs, dtype)
