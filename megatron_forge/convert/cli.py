@@ -18,13 +18,15 @@ import warnings
 # megatron-core warns at import that TE/apex are missing; irrelevant to conversion.
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 
-from megatron_forge.config import ConfigError
-from megatron_forge.convert.files import DTYPE_NAMES, ConvertError, parse_size
-from megatron_forge.data.tokenizer import TokenizerLoadError
+from megatron_forge.config import ConfigError  # noqa: E402
+from megatron_forge.convert.files import DTYPE_NAMES, ConvertError, parse_size  # noqa: E402
+from megatron_forge.data.tokenizer import TokenizerLoadError  # noqa: E402
 
 
 def _common(parser: argparse.ArgumentParser, source: str) -> None:
-    parser.add_argument("--dtype", choices=sorted(DTYPE_NAMES), help=f"default: {source}'s dtype")
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPE_NAMES), help=f"default: the dtype of {source}"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output")
 
 
@@ -42,7 +44,10 @@ def _checkpoint_args(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="forge-convert", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n")[2]
+        prog="forge-convert",
+        description=__doc__.split("\n\n")[0],
+        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
     to_hf = sub.add_parser("to-hf", help="torch_dist checkpoint -> Hugging Face directory")
@@ -52,14 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
     from_hf = sub.add_parser("from-hf", help="Hugging Face directory -> torch_dist checkpoint")
     from_hf.add_argument("hf_dir")
     from_hf.add_argument("ckpt_dir")
-    for flag in ("tp", "pp", "ep"):
-        from_hf.add_argument(
-            f"--{flag}",
-            type=int,
-            default=1,
-            help="the layout you will train with: checked, and --tp sets the vocab padding",
-        )
-    _common(from_hf, "the safetensors")
+    helps = {
+        "tp": "tensor parallelism you will train with: sets the vocabulary padding",
+        "pp": "pipeline parallelism you will train with (checked against the layers)",
+        "ep": "expert parallelism you will train with (checked against the experts)",
+    }
+    for flag, text in helps.items():
+        from_hf.add_argument(f"--{flag}", type=int, default=1, help=text + " (default 1)")
+    _common(from_hf, "the HF weights")
 
     trt = sub.add_parser("to-trtllm", help="torch_dist checkpoint -> TensorRT-LLM checkpoint")
     _checkpoint_args(trt)

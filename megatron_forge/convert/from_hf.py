@@ -20,7 +20,9 @@ from megatron_forge.convert.files import (
     DTYPE_NAMES,
     ConvertError,
     SafetensorsReader,
+    check_output_dir,
     read_json,
+    release_freed_memory,
     staged_output,
 )
 from megatron_forge.convert.mapping import (
@@ -123,6 +125,9 @@ def import_hf(
 ) -> Path:
     """Write ``ckpt_dir`` (iter_0000000/, the tracker, config.yaml) from ``hf_dir``."""
     hf_dir, ckpt_dir = Path(hf_dir).resolve(), Path(ckpt_dir).resolve()
+    check_output_dir(ckpt_dir, overwrite)  # before any work
+    if not hf_dir.is_dir():
+        raise ConvertError(f"Hugging Face directory {hf_dir} does not exist")
     hf = read_json(hf_dir / "config.json")
     reader = SafetensorsReader(hf_dir)
     source_dtype = (
@@ -153,6 +158,7 @@ def import_hf(
         rule = rule_of[(key, index)]
         if cache["rule"] is not rule:
             cache["tensors"] = {}  # drop the previous rule's tensors before reading
+            release_freed_memory()
             cache["tensors"] = rule.to_megatron({n: reader.read(n) for n in rule.hf})
             cache["rule"] = rule
         progress.update()

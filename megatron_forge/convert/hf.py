@@ -20,6 +20,8 @@ from megatron_forge.convert.files import (
     ConvertError,
     ShardedSafetensorsWriter,
     TensorSpec,
+    check_output_dir,
+    release_freed_memory,
     staged_output,
     write_json,
 )
@@ -96,7 +98,9 @@ def _describe(model: ModelConfig) -> str:
     return text + (f" experts={model.num_experts}" if model.num_experts else "")
 
 
-def hf_config_json(model: ModelConfig, vocab_size: int, tok: Tokenizer, dtype: torch.dtype):
+def hf_config_json(
+    model: ModelConfig, vocab_size: int, tok: Tokenizer, dtype: torch.dtype
+) -> dict[str, Any]:
     config = family_mapping(model.family).hf_config(model, vocab_size)
     config.update(token_ids(tok))
     config.update(torch_dtype=HF_DTYPE_NAMES[dtype], dtype=HF_DTYPE_NAMES[dtype])
@@ -113,6 +117,7 @@ def token_ids(tok: Tokenizer) -> dict[str, Any]:
 def iter_hf_tensors(ckpt: MegatronCheckpoint, rules: list[Rule], dtype: torch.dtype):
     """Yield (name, tensor) in rule order, reading one rule's megatron tensors at a time."""
     for rule in rules:
+        release_freed_memory()
         tensors = {key: ckpt.read(key, rule.index) for key in rule.megatron}
         converted = rule.to_hf(tensors)
         del tensors
@@ -130,6 +135,7 @@ def export_hf(
     max_shard_size: int = 5 * 10**9,
 ) -> Path:
     """Convert one iteration of a checkpoint to a Hugging Face directory; return it."""
+    check_output_dir(Path(out_dir), overwrite)  # before any work
     ckpt = MegatronCheckpoint(ckpt_dir, iteration)
     model = ckpt.model
     tok = open_tokenizer(ckpt, tokenizer)
@@ -144,6 +150,7 @@ def export_hf(
             for name, tensor in iter_hf_tensors(ckpt, rules, out_dtype):
                 writer.write(name, tensor)
                 bar.update(tensor.numel() * tensor.element_size())
+                del tensor
         writer.close()
         write_json(staging / "config.json", hf_config_json(model, vocab_size, tok, out_dtype))
         write_json(

@@ -195,7 +195,8 @@ def check_serving(out_dir: str | Path) -> tuple[bool, str]:
         kind, commands = "TensorRT-LLM checkpoint", check_trtllm_dir(out, config, report)
     else:
         kind, commands = "Hugging Face directory", check_hf_dir(out, report)
-    verdict = "ready to serve" if report.ok else "NOT ready: fix the FAIL lines"
+    ready = "ready to build an engine" if kind.startswith("TensorRT") else "ready to serve"
+    verdict = ready if report.ok else "NOT ready: fix the FAIL lines"
     text = "\n".join([f"{out}: {kind}", *report.lines, verdict])
     if report.ok:
         text += "\n" + "\n".join(f"  {c}" for c in commands)

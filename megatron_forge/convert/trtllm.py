@@ -35,6 +35,8 @@ from megatron_forge.convert.files import (
     ConvertError,
     SafetensorsFileWriter,
     TensorSpec,
+    check_output_dir,
+    release_freed_memory,
     staged_output,
     write_json,
 )
@@ -155,7 +157,9 @@ class TrtLayout:
         }
 
 
-def trtllm_config(model: ModelConfig, vocab_size: int, tp: int, pp: int, dtype: torch.dtype):
+def trtllm_config(
+    model: ModelConfig, vocab_size: int, tp: int, pp: int, dtype: torch.dtype
+) -> dict[str, Any]:
     """config.json as TensorRT-LLM's PretrainedConfig (and LLaMA/QWen configs) read it."""
     hf = family_mapping(model.family).hf_config(model, vocab_size)
     moe = {"num_experts": 0, "top_k": 0, "normalization_mode": 0}
@@ -241,6 +245,7 @@ def export_trtllm(
     """Write a TensorRT-LLM checkpoint for a TP x PP engine; return its directory."""
     if tp < 1 or pp < 1:
         raise ConvertError(f"--tp and --pp must be >= 1 (got tp={tp}, pp={pp})")
+    check_output_dir(Path(out_dir), overwrite)  # before any work
     ckpt = MegatronCheckpoint(ckpt_dir, iteration)
     model = ckpt.model
     check_trt_layout(model, tp, pp)
@@ -256,6 +261,7 @@ def export_trtllm(
             for rank, rank_specs in specs.items()
         }
         for rule in tqdm(rules, desc="to-trtllm", unit="group", file=sys.stderr):
+            release_freed_memory()
             tensors = {key: ckpt.read(key, rule.index) for key in rule.megatron}
             hf = rule.to_hf(tensors)
             del tensors

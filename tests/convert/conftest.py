@@ -3,6 +3,7 @@ the converter, our megatron model and transformers on the same tokens."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -38,27 +39,12 @@ def convert_in_process(*args: str) -> int:
     return main([str(a) for a in args])
 
 
-def convert_subprocess(*args: str) -> subprocess.CompletedProcess:
-    """forge-convert in its own process (from-hf starts a process group)."""
-    cmd = [sys.executable, "tools/convert_checkpoint.py", *map(str, args)]
+def worker(*args: str) -> None:
+    """tests/convert/worker.py in its own process (see there)."""
+    cmd = [sys.executable, "-m", "tests.convert.worker", *map(str, args)]
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="2")
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-
-
-def megatron_logits(ckpt: Path, tokens: torch.Tensor, tmp: Path) -> torch.Tensor:
-    torch.save(tokens, tmp / "tokens.pt")
-    cmd = [
-        sys.executable,
-        "-m",
-        "tests.convert.megatron_logits",
-        str(ckpt),
-        str(tmp / "tokens.pt"),
-        str(tmp / "logits.pt"),
-    ]
-    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="2")
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return torch.load(tmp / "logits.pt")
 
 
 def hf_logits(hf_dir: Path, tokens: torch.Tensor) -> torch.Tensor:
@@ -70,7 +56,7 @@ def hf_logits(hf_dir: Path, tokens: torch.Tensor) -> torch.Tensor:
         return model(tokens).logits
 
 
-def sample_tokens(vocab: int, seed: int = 0) -> torch.Tensor:
+def sample_tokens(vocab: int = 2048, seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (2, 48), generator=generator)
 
@@ -113,3 +99,64 @@ def exports(dense_ckpt, qwen2_ckpt, moe_ckpt, tmp_path_factory) -> dict[str, tup
         assert convert_in_process("to-hf", ckpt, hf_dir) == 0
         out[name] = (ckpt, hf_dir)
     return out
+
+
+@pytest.fixture(scope="session")
+def transformers_llama(sample_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A randomly initialised transformers LlamaForCausalLM (GQA, untied, RoPE base 5000)
+    saved by save_pretrained, with our tokenizer's files beside it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from megatron_forge.data.tokenizer import load_tokenizer
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=2048,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=3,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        rope_theta=5000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+    )
+    out = tmp_path_factory.mktemp("transformers_llama") / "hf"
+    LlamaForCausalLM(config).save_pretrained(str(out))
+    load_tokenizer(sample_data / "tokenizer.model").save_pretrained_files(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def imported(exports, transformers_llama, tmp_path_factory) -> dict[str, Path]:
+    """from-hf of each export (with the layout it came from) and of the transformers
+    Llama, in one worker process."""
+    root = tmp_path_factory.mktemp("imported")
+    sources = {
+        "dense": (exports["dense"][1], ["--tp", "2"]),
+        "qwen2": (exports["qwen2"][1], []),
+        "moe": (exports["moe"][1], ["--ep", "2"]),
+        "llama": (transformers_llama, []),
+    }
+    jobs = [
+        ["from-hf", str(src), str(root / name), *flags] for name, (src, flags) in sources.items()
+    ]
+    worker("convert", json.dumps(jobs))
+    return {name: root / name for name in sources}
+
+
+@pytest.fixture(scope="session")
+def megatron_outputs(exports, imported, tmp_path_factory) -> dict[str, torch.Tensor]:
+    """Our model's logits on sample_tokens() for each trained checkpoint and for the
+    transformers Llama imported by from-hf, computed in one worker process."""
+    root = tmp_path_factory.mktemp("logits")
+    torch.save(sample_tokens(), root / "tokens.pt")
+    ckpts = {name: ckpt for name, (ckpt, _) in exports.items()}
+    ckpts["llama"] = imported["llama"]
+    worker(
+        "logits",
+        root / "tokens.pt",
+        json.dumps([[str(c), str(root / n)] for n, c in ckpts.items()]),
+    )
+    return {name: torch.load(root / name) for name in ckpts}

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from megatron_forge.convert.files import SafetensorsReader
-from tests.convert.conftest import LOGITS_ATOL, hf_logits, megatron_logits, sample_tokens
+from tests.convert.conftest import LOGITS_ATOL, convert_in_process, hf_logits, sample_tokens
 
 CASES = {
     "dense": "dense GQA (4 heads / 2 groups), TP=2 checkpoint",
@@ -25,10 +25,10 @@ CASES = {
 
 
 @pytest.mark.parametrize("family", list(CASES))
-def test_logits_match_megatron(family, exports, tmp_path):
-    ckpt, hf_dir = exports[family]
-    tokens = sample_tokens(2048)
-    expected = megatron_logits(ckpt, tokens, tmp_path)
+def test_logits_match_megatron(family, exports, megatron_outputs):
+    _, hf_dir = exports[family]
+    tokens = sample_tokens()
+    expected = megatron_outputs[family]
     got = hf_logits(hf_dir, tokens)
     assert got.shape == (*tokens.shape, 2048)
     diff = (got - expected[..., :2048]).abs().max().item()
@@ -84,8 +84,6 @@ def test_tokenizer_loads_and_matches(exports, sample_data):
 
 
 def test_sharded_output(exports, tmp_path):
-    from tests.convert.conftest import convert_in_process
-
     ckpt, hf_dir = exports["dense"]
     out = tmp_path / "sharded"
     assert convert_in_process("to-hf", ckpt, out, "--max-shard-size", "300KB") == 0

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from megatron_forge.config import ModelConfig
+from megatron_forge.convert.files import ConvertError
 from megatron_forge.convert.mapping import Rule
 from megatron_forge.models.llama import hf as llama
 
@@ -41,12 +42,8 @@ def hf_config(model: ModelConfig, vocab_size: int) -> dict[str, Any]:
 
 def model_fields(hf: dict[str, Any]) -> dict[str, Any]:
     fields = llama.common_model_fields(hf)
-    if (
-        hf.get("sliding_window") not in (None, 0)
-        and hf["sliding_window"] < (fields["max_position_embeddings"])
-    ):
-        from megatron_forge.convert.files import ConvertError
-
+    window = hf.get("sliding_window")
+    if window and window < fields["max_position_embeddings"]:
         raise ConvertError(
             f"{ARCHITECTURE} with sliding_window={hf['sliding_window']} is not supported "
             "(full attention only)"

@@ -1,0 +1,21 @@
+"""Checkpoint conversion (the forge-convert console script, runnable from a checkout):
+
+    python tools/convert_checkpoint.py to-hf runs/tiny/checkpoints exports/tiny-hf
+    python tools/convert_checkpoint.py from-hf /models/Llama-3.2-1B runs/llama1b/init --tp 2
+    python tools/convert_checkpoint.py to-trtllm runs/tiny/checkpoints exports/tiny-trt --tp 2
+    python tools/convert_checkpoint.py check-serving exports/tiny-hf
+
+See megatron_forge/convert/cli.py (or --help) for every option.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+
+from megatron_forge.convert.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())
