@@ -45,11 +45,11 @@ LAYOUTS = {
             "TP2": ["parallel.tensor=2"],
             "PP2": ["parallel.pipeline=2"],
             "DP2": [],
-        "DP2_overlap": [
-            "parallel.overlap_grad_reduce=true",
-            "parallel.overlap_param_gather=true",
-            "parallel.grad_bucket_size_mb=0.1",
-        ],
+            "DP2_overlap": [
+                "parallel.overlap_grad_reduce=true",
+                "parallel.overlap_param_gather=true",
+                "parallel.grad_bucket_size_mb=0.1",
+            ],
             "PP2_VPP2": ["parallel.pipeline=2", "parallel.virtual_pipeline=2"],
         },
     ),
