@@ -36,44 +36,11 @@ def validate_for_world(cfg: Config, world_size: int) -> None:
     )
 
 
-def build_callbacks(cfg: Config) -> list:
-    """The side concerns of a run, in hook order: the watchdog first (its clock), the
-    saver before the loggers (which report save time), throughput before the loggers (it
-    adds TFLOP/s and MFU to the metrics), preemption last (it exits)."""
-    from megatron_forge.checkpointing import Checkpointer, CheckpointSaver
-    from megatron_forge.monitoring.tensorboard import TensorBoardLogger
-    from megatron_forge.monitoring.throughput import ThroughputMonitor
-    from megatron_forge.monitoring.wandb_logger import WandbLogger
-    from megatron_forge.training.callbacks import MetricsLogger
-    from megatron_forge.training.preemption import PreemptionHandler
-    from megatron_forge.training.watchdog import HangWatchdog
-
-    callbacks: list = []
-    if cfg.train.hang_timeout_s:
-        callbacks.append(
-            HangWatchdog(cfg.logging.dir, cfg.train.hang_timeout_s, cfg.launch.max_requeues)
-        )
-    checkpointer = (
-        Checkpointer(cfg.checkpoint.save, cfg.checkpoint) if cfg.checkpoint.save else None
-    )
-    if checkpointer:
-        callbacks.append(CheckpointSaver(checkpointer))
-    lg = cfg.logging
-    callbacks.append(ThroughputMonitor(cfg))
-    callbacks.append(MetricsLogger(lg.dir, lg.log_interval))
-    if lg.wandb_project and lg.wandb_mode != "disabled":
-        callbacks.append(WandbLogger(cfg))
-    if lg.tensorboard:
-        callbacks.append(TensorBoardLogger(lg.dir, lg.log_interval))
-    callbacks.append(PreemptionHandler(checkpointer, cfg.launch.max_requeues))
-    return callbacks
-
-
 def run(cfg: Config) -> None:
     """Train with this process's share of the world described by the environment."""
     from megatron_forge import distributed
     from megatron_forge.data.datasets import check_data_paths
-    from megatron_forge.training.callbacks import is_logging_rank
+    from megatron_forge.training.callbacks import build_callbacks, is_logging_rank
     from megatron_forge.training.trainer import Trainer
 
     env = distributed.read_environment()

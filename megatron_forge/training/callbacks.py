@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch.distributed as dist
 
 if TYPE_CHECKING:
+    from megatron_forge.config import Config
     from megatron_forge.training.trainer import Trainer
 
 
@@ -105,3 +106,35 @@ class MetricsLogger(Callback):
                 f"{metrics['val_loss']:.6E} | lm loss PPL: {metrics['val_ppl']:.3f}",
                 flush=True,
             )
+
+
+def build_callbacks(cfg: Config) -> list[Callback]:
+    """The side concerns of a run, in hook order: the watchdog first (its clock), the
+    saver before the loggers (which report save time), throughput before the loggers (it
+    adds TFLOP/s and MFU to the metrics), preemption last (it exits)."""
+    from megatron_forge.checkpointing import Checkpointer, CheckpointSaver
+    from megatron_forge.monitoring.tensorboard import TensorBoardLogger
+    from megatron_forge.monitoring.throughput import ThroughputMonitor
+    from megatron_forge.monitoring.wandb_logger import WandbLogger
+    from megatron_forge.training.preemption import PreemptionHandler
+    from megatron_forge.training.watchdog import HangWatchdog
+
+    callbacks: list[Callback] = []
+    if cfg.train.hang_timeout_s:
+        callbacks.append(
+            HangWatchdog(cfg.logging.dir, cfg.train.hang_timeout_s, cfg.launch.max_requeues)
+        )
+    checkpointer = (
+        Checkpointer(cfg.checkpoint.save, cfg.checkpoint) if cfg.checkpoint.save else None
+    )
+    if checkpointer:
+        callbacks.append(CheckpointSaver(checkpointer))
+    lg = cfg.logging
+    callbacks.append(ThroughputMonitor(cfg))
+    callbacks.append(MetricsLogger(lg.dir, lg.log_interval))
+    if lg.wandb_project and lg.wandb_mode != "disabled":
+        callbacks.append(WandbLogger(cfg))
+    if lg.tensorboard:
+        callbacks.append(TensorBoardLogger(lg.dir, lg.log_interval))
+    callbacks.append(PreemptionHandler(checkpointer, cfg.launch.max_requeues))
+    return callbacks

@@ -18,7 +18,7 @@ from megatron_forge.monitoring.wandb_logger import (
     has_api_key,
     resolve_mode,
 )
-from megatron_forge.train import build_callbacks
+from megatron_forge.training.callbacks import build_callbacks
 from tests.conftest import REPO
 
 
