@@ -12,7 +12,7 @@ from megatron_forge.config import ConfigError, load_config
     [
         (
             ["data.format=tfrecord"],
-            "data.format='tfrecord' must be one of ['indexed', 'webdataset']",
+            "data.format='tfrecord' must be one of ['indexed', 'webdataset', 'mock']",
         ),
         (
             ["data.format=webdataset"],
