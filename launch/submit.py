@@ -254,12 +254,10 @@ class TrainJob:
 
 def print_plan(cfg: Config, args: argparse.Namespace, executor: Any) -> None:
     world = cfg.launch.world_size
-    p = cfg.parallel
     print(cfg.to_yaml())
     print(
         f"world={world} ({cfg.launch.nodes} nodes x {cfg.launch.gpus_per_node}) "
-        f"TP={p.tensor} PP={p.pipeline} CP={p.context} EP={p.expert} "
-        f"DP={cfg.data_parallel_size(world)} microbatches={cfg.num_microbatches(world)}"
+        f"{cfg.describe_layout(world)}"
     )
     if cfg.model.vocab_size is not None:
         from megatron_forge.memory import estimate_memory

@@ -522,6 +522,15 @@ class Config:
         """Data-parallel degree implied by the world size (after validate())."""
         return world_size // self.parallel.model_parallel_size
 
+    def describe_layout(self, world_size: int) -> str:
+        """One line: the parallel degrees and microbatches of this config on a world."""
+        p = self.parallel
+        return (
+            f"TP={p.tensor} PP={p.pipeline} CP={p.context} EP={p.expert} "
+            f"DP={self.data_parallel_size(world_size)} "
+            f"microbatches={self.num_microbatches(world_size)}"
+        )
+
     def num_microbatches(self, world_size: int) -> int:
         dp = self.data_parallel_size(world_size)
         return self.train.global_batch_size // (self.train.micro_batch_size * dp)

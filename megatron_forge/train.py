@@ -66,11 +66,7 @@ def main(argv: list[str] | None = None) -> int:
             world = distributed.read_environment().world_size
             validate_for_world(cfg, world)
             print(cfg.to_yaml())
-            p = cfg.parallel
-            print(
-                f"world={world} TP={p.tensor} PP={p.pipeline} CP={p.context} EP={p.expert} "
-                f"DP={cfg.data_parallel_size(world)} microbatches={cfg.num_microbatches(world)}"
-            )
+            print(f"world={world} {cfg.describe_layout(world)}")
             return 0
         run(cfg)
     except ConfigError as err:
