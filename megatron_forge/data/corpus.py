@@ -15,15 +15,19 @@ from __future__ import annotations
 import glob
 import gzip
 import json
-from collections.abc import Iterator
+import re
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst")
 PARQUET_SUFFIXES = (".parquet",)
 SUPPORTED = "jsonl (.jsonl, .jsonl.gz, .jsonl.zst) or parquet (.parquet)"
 MAX_CHUNK_BYTES = 8 << 20  # bounds a chunk of very long documents
+READ_BLOCK_BYTES = 1 << 20
 
 
 class BadRecordError(ValueError):
@@ -131,34 +135,79 @@ class Chunk:
     num_bytes: int
 
 
-def iter_chunks(files: list[Path], json_keys: list[str], lines_per_chunk: int) -> Iterator[Chunk]:
-    """Yield every file's records in order, ``lines_per_chunk`` at a time."""
+def iter_chunks(
+    files: list[Path],
+    json_keys: list[str],
+    lines_per_chunk: int,
+    max_chunk_bytes: int = MAX_CHUNK_BYTES,
+) -> Iterator[Chunk]:
+    """Yield every file's records in order, ``lines_per_chunk`` at a time, cut short so that
+    a chunk holds about ``max_chunk_bytes`` (jsonl: the line that reaches it ends the chunk;
+    parquet: rows estimated from the file's column sizes)."""
     for path in files:
         if is_parquet(path):
-            yield from _parquet_chunks(path, json_keys, lines_per_chunk)
+            yield from _parquet_chunks(path, json_keys, lines_per_chunk, max_chunk_bytes)
         else:
-            yield from _jsonl_chunks(path, lines_per_chunk)
+            yield from _jsonl_chunks(path, lines_per_chunk, max_chunk_bytes)
 
 
-def _jsonl_chunks(path: Path, lines_per_chunk: int) -> Iterator[Chunk]:
-    lines: list[bytes] = []
-    size, first = 0, 1
+def iter_blocks(path: Path, size: int = READ_BLOCK_BYTES) -> Iterator[bytes]:
+    """The bytes of a jsonl file in blocks, decompressing .gz and .zst on the fly (a
+    truncated compressed file raises, as in iter_lines)."""
+    if path.name.lower().endswith(".zst"):
+        yield from _zstd_blocks(path, size)
+        return
+    with gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb") as f:
+        while block := f.read(size):
+            yield block
+
+
+def _jsonl_chunks(path: Path, lines_per_chunk: int, max_bytes: int) -> Iterator[Chunk]:
+    """Chunks cut from blocks read whole: newlines are found with numpy, not line by line."""
+    pending: list[bytes] = []
+    pending_bytes = pending_lines = 0
+    first = 1
     try:
-        for lineno, line in enumerate(iter_lines(path), 1):
-            if not lines:
-                first = lineno
-            lines.append(line)
-            size += len(line)
-            if len(lines) >= lines_per_chunk or size >= MAX_CHUNK_BYTES:
-                yield Chunk(str(path), first, b"".join(lines), size)
-                lines, size = [], 0
+        for block in iter_blocks(path):
+            newlines = block.count(b"\n")
+            pending.append(block)
+            pending_bytes += len(block)
+            pending_lines += newlines
+            if newlines and (pending_lines >= lines_per_chunk or pending_bytes >= max_bytes):
+                data = b"".join(pending)
+                rest = yield from _cut(path, data, first, lines_per_chunk, max_bytes, False)
+                first += pending_lines - rest.count(b"\n")
+                pending, pending_bytes, pending_lines = [rest], len(rest), rest.count(b"\n")
     except _read_errors() as e:
         raise InputError(f"{path}: cannot decompress or read: {e}") from None
-    if lines:
-        yield Chunk(str(path), first, b"".join(lines), size)
+    if pending_bytes:
+        yield from _cut(path, b"".join(pending), first, lines_per_chunk, max_bytes, True)
 
 
-def _parquet_chunks(path: Path, json_keys: list[str], rows_per_chunk: int) -> Iterator[Chunk]:
+def _cut(
+    path: Path, data: bytes, first: int, lines_per_chunk: int, max_bytes: int, final: bool
+) -> Generator[Chunk, None, bytes]:
+    """Yield the chunks that `data` completes (all of it if `final`); return what is left."""
+    ends = np.flatnonzero(np.frombuffer(data, np.uint8) == ord("\n")) + 1  # line ends
+    if final and (len(ends) == 0 or ends[-1] != len(data)):
+        ends = np.append(ends, len(data))  # a last line without a newline
+    start = line = 0  # byte offset and index (in ends) of the chunk's first line
+    while line < len(ends):
+        by_bytes = int(np.searchsorted(ends, start + max_bytes))  # first line reaching max
+        last = min(line + lines_per_chunk - 1, by_bytes)
+        if last >= len(ends):
+            if not final:
+                break
+            last = len(ends) - 1
+        end = int(ends[last])
+        yield Chunk(str(path), first + line, data[start:end], end - start)
+        start, line = end, last + 1
+    return data[start:]
+
+
+def _parquet_chunks(
+    path: Path, json_keys: list[str], rows_per_chunk: int, max_bytes: int
+) -> Iterator[Chunk]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -173,6 +222,15 @@ def _parquet_chunks(path: Path, json_keys: list[str], rows_per_chunk: int) -> It
         kind = schema.field(key).type
         if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
             raise InputError(f"{path}: column {key!r} is {kind}, expected strings")
+    meta = parquet.metadata
+    key_bytes = sum(
+        meta.row_group(g).column(c).total_uncompressed_size
+        for g in range(meta.num_row_groups)
+        for c in range(meta.num_columns)
+        if meta.row_group(g).column(c).path_in_schema in json_keys
+    )
+    if key_bytes and meta.num_rows:  # rows of about max_bytes of text
+        rows_per_chunk = max(1, min(rows_per_chunk, max_bytes * meta.num_rows // key_bytes))
     row = 0
     for batch in parquet.iter_batches(batch_size=rows_per_chunk, columns=json_keys):
         yield Chunk(str(path), row, batch, batch.nbytes)
@@ -208,6 +266,9 @@ def chunk_records(chunk: Chunk, json_keys: list[str]) -> tuple[dict[str, list[st
     texts: dict[str, list[str]] = {key: [] for key in json_keys}
     bad: list[str] = []
     if isinstance(chunk.payload, bytes):
+        fast = _jsonl_texts_arrow(chunk.payload, json_keys)
+        if fast is not None:
+            return fast, bad
         for lineno, line in enumerate(chunk.payload.split(b"\n"), chunk.first):
             if not line.strip():
                 continue
@@ -228,6 +289,52 @@ def chunk_records(chunk: Chunk, json_keys: list[str]) -> tuple[dict[str, list[st
         for key, value in zip(json_keys, values):
             texts[key].append(value)
     return texts, bad
+
+
+# Whitespace as bytes.strip() sees it (which decides what a blank line is), and a blank line
+# between two others.
+_SPACE = b" \t\r\x0b\x0c"
+_INNER_BLANK_LINE = re.compile(rb"\n[ \t\r\x0b\x0c]*\n")
+
+
+def _jsonl_texts_arrow(payload: bytes, json_keys: list[str]) -> dict[str, list[str]] | None:
+    """The texts of a chunk of jsonl lines, parsed by Arrow's C++ JSON reader (about 5x
+    faster than json.loads line by line), or None when the chunk is not plain: a blank line,
+    a line that is not one JSON object with a string under every key, or anything Arrow
+    rejects. The caller then parses line by line, which reports `file:line: reason`.
+
+    Arrow reads the same texts as json.loads where both accept a line; where they differ
+    (two objects on one line, a repeated key, lone surrogate escapes) Arrow either fails or
+    yields a row count that does not match the line count, so the slow path decides.
+    """
+    import pyarrow as pa
+    import pyarrow.json as pa_json
+
+    body = payload[:-1] if payload.endswith(b"\n") else payload
+    first_end, last_start = body.find(b"\n"), body.rfind(b"\n") + 1
+    if (
+        not body[: first_end if first_end >= 0 else len(body)].strip(_SPACE)
+        or not body[last_start:].strip(_SPACE)
+        or _INNER_BLANK_LINE.search(body)
+    ):
+        return None
+    schema = pa.schema([(key, pa.string()) for key in json_keys])
+    try:
+        table = pa_json.read_json(
+            pa.BufferReader(body),
+            read_options=pa_json.ReadOptions(use_threads=False, block_size=len(body) + 1),
+            parse_options=pa_json.ParseOptions(
+                explicit_schema=schema, unexpected_field_behavior="ignore"
+            ),
+        )
+    except (pa.ArrowException, ValueError):  # ValueError: UnicodeDecodeError
+        return None
+    if table.num_rows != body.count(b"\n") + 1:
+        return None
+    columns = [table.column(key) for key in json_keys]
+    if any(column.null_count for column in columns):
+        return None
+    return {key: column.to_pylist() for key, column in zip(json_keys, columns)}
 
 
 def iter_texts(files: list[Path], json_key: str) -> Iterator[str]:

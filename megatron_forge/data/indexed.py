@@ -44,6 +44,12 @@ class IndexedDatasetError(ValueError):
     """A .bin/.idx pair that megatron-core cannot read correctly; names the file."""
 
 
+def optimal_dtype(vocab_size: int | None) -> type[np.number]:
+    """Token dtype for a vocabulary: megatron-core's ``DType.optimal_dtype`` (uint16 below 65500
+    ids, else int32), without importing megatron-core (and torch) to get it."""
+    return np.uint16 if vocab_size is not None and vocab_size < 65500 else np.int32
+
+
 def dtype_code(dtype: type[np.number]) -> int:
     return next(code for code, value in DTYPE_CODES.items() if value == np.dtype(dtype).type)
 

@@ -21,21 +21,67 @@ Conventions (the same for both backends):
 - `bos` / `eos` are None when the tokenizer has no such token.
 - `pad` is the tokenizer's pad token, else -1: megatron-core's own "no pad" value, an id that
   never occurs in data, so no real token is masked out of the loss by mistake.
+
+Bulk encoding (`tokenize_flat`, what tools/preprocess_data.py uses) returns all documents' ids
+back to back in one numpy array. After `use_fast_backend()`, SentencePiece BPE models with byte
+fallback (what tokenizers/train_sentencepiece.py trains) are encoded there by the optional
+`gigatoken` package (Rust, about 10x sentencepiece's own speed), with the same ids: a probe
+set is compared at load and documents where the two are known to differ are left to
+sentencepiece (see `GigatokenSentencePiece`).
 """
 
 from __future__ import annotations
 
+import importlib.util
+import itertools
 import json
 import shutil
+import sys
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import sentencepiece as spm
-from megatron.core.tokenizers import MegatronTokenizerBase
 from tokenizers import AddedToken, decoders, normalizers
 from tokenizers import Tokenizer as HFTokenizerModel
 from tokenizers.models import BPE, Unigram
+
+MCORE_BASE_MODULE = "megatron.core.tokenizers.base_tokenizer"
+
+
+def megatron_tokenizer_base() -> type:
+    """megatron-core's `MegatronTokenizerBase`, without importing `megatron.core`.
+
+    `import megatron.core` imports torch and most of megatron-core: about 7 s and 400 MB, which
+    every preprocessing worker would pay for one abstract class. Its module is a plain ABC with
+    no imports, so unless megatron.core is already loaded it is executed from its file under
+    its own name; a later `import megatron.core` finds it in `sys.modules` and uses the same
+    class, so `isinstance(tok, MegatronTokenizerBase)` holds either way.
+    """
+    if MCORE_BASE_MODULE not in sys.modules and "megatron.core" not in sys.modules:
+        spec = importlib.util.find_spec("megatron")  # a namespace package: imports nothing
+        roots = spec.submodule_search_locations if spec else None
+        for root in roots or []:
+            path = Path(root) / "core" / "tokenizers" / "base_tokenizer.py"
+            if path.is_file():
+                file_spec = importlib.util.spec_from_file_location(MCORE_BASE_MODULE, path)
+                module = importlib.util.module_from_spec(file_spec)
+                sys.modules[MCORE_BASE_MODULE] = module
+                try:
+                    file_spec.loader.exec_module(module)
+                except BaseException:
+                    del sys.modules[MCORE_BASE_MODULE]
+                    raise
+                break
+    if MCORE_BASE_MODULE in sys.modules:
+        return sys.modules[MCORE_BASE_MODULE].MegatronTokenizerBase
+    from megatron.core.tokenizers import MegatronTokenizerBase  # another layout: the slow way
+
+    return MegatronTokenizerBase
+
+
+MegatronTokenizerBase = megatron_tokenizer_base()
 
 REGISTERED_DIR = Path(__file__).resolve().parents[2] / "tokenizers"
 NO_PAD_ID = -1  # megatron.core.datasets.megatron_dataset._PAD_TOKEN_ID
@@ -82,6 +128,7 @@ class Tokenizer(MegatronTokenizerBase):
         self._ids: dict[str, int] = {}  # "bos_token"/"eos_token"/"pad_token"/"unk_token" -> id
         self._vocab: dict[str, int] | None = None
         self._inv_vocab: dict[int, str] | None = None
+        self.fast_backend_error: str | None = None  # why use_fast_backend() found none
 
     # Backend interface ---------------------------------------------------------------------
     def tokenize(self, text: str) -> list[int]:
@@ -91,6 +138,27 @@ class Tokenizer(MegatronTokenizerBase):
     def tokenize_batch(self, texts: list[str]) -> list[list[int]]:
         """Return `tokenize(text)` for each text, in one call into the backend (faster)."""
         return [self.tokenize(text) for text in texts]
+
+    def tokenize_flat(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """`tokenize_batch(texts)` as two arrays: every text's ids back to back, and each
+        text's number of ids. Backends that can skip the Python lists do."""
+        ids = self.tokenize_batch(texts)
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        flat = np.fromiter(
+            itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum())
+        )
+        return flat, lengths
+
+    def use_fast_backend(self) -> str | None:
+        """Switch `tokenize_flat` to a faster library encoding the same ids, if there is one
+        for this tokenizer; return its name, or None (`fast_backend_error` says why)."""
+        self.fast_backend_error = f"no faster library for {type(self).__name__}"
+        return None
+
+    @property
+    def batch_backend(self) -> str:
+        """The library `tokenize_flat` runs on."""
+        return self.library
 
     def detokenize(self, ids: Any) -> str:
         """Return the text of `ids` (a list or a numpy array); special tokens are dropped."""
@@ -195,6 +263,7 @@ class SentencePieceTokenizer(Tokenizer):
             "unk_token": self._sp.unk_id(),
         }
         self._ids = {name: i for name, i in ids.items() if i >= 0}  # spm: -1 means disabled
+        self._fast: GigatokenSentencePiece | None = None
 
     def tokenize(self, text: str) -> list[int]:
         return self._sp.encode(text)
@@ -202,6 +271,24 @@ class SentencePieceTokenizer(Tokenizer):
     def tokenize_batch(self, texts: list[str]) -> list[list[int]]:
         # One thread: preprocessing parallelizes with processes, one per core.
         return self._sp.encode(texts, num_threads=1)
+
+    def tokenize_flat(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        if self._fast is None:
+            return super().tokenize_flat(texts)
+        return self._fast.encode_flat(texts)
+
+    def use_fast_backend(self) -> str | None:
+        if self._fast is None:
+            try:
+                self._fast = GigatokenSentencePiece(self.model_file, self._sp)
+            except FastBackendUnavailable as e:
+                self.fast_backend_error = str(e)
+                return None
+        return self.batch_backend
+
+    @property
+    def batch_backend(self) -> str:
+        return self.library if self._fast is None else "gigatoken"
 
     def detokenize(self, ids: Any) -> str:
         return self._sp.decode([int(i) for i in ids])
@@ -314,6 +401,128 @@ class HFTokenizer(Tokenizer):
             write_json(out / "tokenizer_config.json", {**config, "add_bos_token": False})
             written.append(out / "tokenizer_config.json")
         return written
+
+
+class FastBackendUnavailable(RuntimeError):
+    """No faster library encodes this tokenizer exactly; the message says why."""
+
+
+# Texts every fast backend must encode exactly like sentencepiece before it is used: leading,
+# repeated and trailing whitespace, tabs, newlines, digits, punctuation runs, characters that
+# only byte fallback covers, and code indentation.
+FAST_BACKEND_PROBES = (
+    "",
+    " ",
+    "Hello world.",
+    "  two leading spaces,   three inside, and trailing   ",
+    "\tTabs\tand\nnew\n\nlines\r\n",
+    "def f(x):\n    return x ** 2  # 12345 67890, 3.14159",
+    "***  ---  ===  ...  !!!  ???  <<>>  {[()]}  @#$%^&",
+    "naïve café, Ærøskøbing, straße, İstanbul, ΑΒΓ αβγ, Привет",
+    "汉字かなカナ한국어 ひらがな",
+    "emoji 😀👍🏽 and 𝔘𝔫𝔦𝔠𝔬𝔡𝔢, zero\u200bwidth, nbsp\u00a0here",
+    "\x00 control \x7f chars \u2028 separators",
+)
+
+
+class GigatokenSentencePiece:
+    """A SentencePiece BPE model with byte fallback encoded by gigatoken, with sentencepiece's
+    ids.
+
+    gigatoken (optional: `pip install gigatoken`) loads the model as the tokenizer.json that
+    `spm_to_hf_tokenizer` writes for it, less the control and unknown pieces as added
+    tokens: sentencepiece never matches `<s>` or `<unk>` typed in text, and neither does
+    gigatoken then. User-defined pieces stay added tokens (sentencepiece matches those in
+    text), but gigatoken restarts the dummy-prefix space after one, so documents containing
+    one are encoded by sentencepiece. A probe set (FAST_BACKEND_PROBES, plus every control
+    and unknown piece typed literally) is compared at load; any difference refuses gigatoken
+    for this model.
+
+    Memory: gigatoken's single-thread batch encode keeps no pretoken cache across calls
+    (measured: RSS flat over 3M distinct words), so it is bounded by the batch.
+    """
+
+    def __init__(self, model_file: Path, sp: spm.SentencePieceProcessor) -> None:
+        try:
+            import awkward  # gigatoken's result type
+            import gigatoken
+        except ImportError:
+            raise FastBackendUnavailable("gigatoken is not installed") from None
+        self._ak, self._sp = awkward, sp
+        pieces = spm_piece_types(model_file)
+        self.literals = tuple(p for p, kind in pieces if kind == SPM_USER_DEFINED)
+        not_text = {p for p, kind in pieces if kind in (SPM_CONTROL, SPM_UNKNOWN)}
+        try:
+            if not _spm_is_bpe_with_byte_fallback(model_file):
+                raise FastBackendUnavailable("gigatoken encodes BPE models with byte fallback only")
+            config = json.loads(spm_to_hf_tokenizer(model_file).to_str())
+        except TokenizerLoadError as e:
+            raise FastBackendUnavailable(str(e)) from None
+        config["added_tokens"] = [t for t in config["added_tokens"] if t["content"] not in not_text]
+        try:
+            self._tok = gigatoken.Tokenizer.from_json(json.dumps(config)).backend
+        except Exception as e:  # gigatoken raises ValueError and others for what it lacks
+            raise FastBackendUnavailable(f"gigatoken cannot load it ({e})") from None
+        probes = [*FAST_BACKEND_PROBES, *(f"a {p} b {p}" for p in sorted(not_text))]
+        flat, lengths = self._encode(probes)
+        for text, ids in zip(probes, np.split(flat, np.cumsum(lengths)[:-1])):
+            if ids.tolist() != sp.encode(text):
+                raise FastBackendUnavailable(f"gigatoken encodes {text!r} differently")
+
+    def _encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        # parallel=False: one thread; preprocessing parallelizes with processes.
+        rows = self._tok.encode_batch(texts, parallel=False)
+        flat = self._ak.flatten(rows).to_numpy()
+        return flat, self._ak.num(rows, axis=1).to_numpy().astype(np.int64)
+
+    def encode_flat(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Every text's ids back to back (uint32) and each text's number of ids."""
+        slow = self._documents_with_literals(texts)
+        if not slow:
+            return self._encode(texts)
+        flat, lengths = self._encode([("" if i in slow else t) for i, t in enumerate(texts)])
+        starts = np.concatenate([[0], np.cumsum(lengths)])
+        pieces, done = [], 0
+        for i in sorted(slow):  # their rows are empty: insert sentencepiece's ids there
+            ids = np.asarray(self._sp.encode(texts[i]), dtype=flat.dtype)
+            pieces += [flat[done : starts[i]], ids]
+            lengths[i], done = len(ids), starts[i]
+        pieces.append(flat[done:])
+        return np.concatenate(pieces), lengths
+
+    def _documents_with_literals(self, texts: list[str]) -> set[int]:
+        """Indices of the texts that contain a user-defined piece."""
+        if not self.literals or not texts:
+            return set()
+        joined = "\x00".join(texts)  # one scan per literal instead of one per document
+        hits = []
+        for literal in self.literals:
+            at = joined.find(literal)
+            while at >= 0:
+                hits.append(at)
+                at = joined.find(literal, at + 1)
+        if not hits:
+            return set()
+        ends = np.cumsum(np.fromiter(map(len, texts), np.int64, len(texts)) + 1)
+        return set(np.searchsorted(ends, hits, side="right").tolist())
+
+
+def _spm_is_bpe_with_byte_fallback(model_file: Path) -> bool:
+    from sentencepiece import sentencepiece_model_pb2  # needs protobuf
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(Path(model_file).read_bytes())
+    bpe = proto.trainer_spec.model_type == sentencepiece_model_pb2.TrainerSpec.BPE
+    return bpe and proto.trainer_spec.byte_fallback
+
+
+def spm_piece_types(model_file: Path) -> list[tuple[str, int]]:
+    """(piece, SPM_* type) of every piece of a SentencePiece model, in id order."""
+    from sentencepiece import sentencepiece_model_pb2  # needs protobuf
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(Path(model_file).read_bytes())
+    return [(p.piece, p.type) for p in proto.pieces]
 
 
 def registered_tokenizer(name: str) -> Path | None:

@@ -149,3 +149,34 @@ def test_hf_export_loads_in_transformers(hf_tokenizer_json: Path, tmp_path: Path
     for text in SENTENCES:
         assert hf(text)["input_ids"] == tok.tokenize(text)
     assert hf.eos_token_id == tok.eod
+
+
+@pytest.mark.parametrize("model_fixture", ["spm_model", "spm_unigram_model"])
+def test_tokenize_flat_equals_tokenize(model_fixture: str, request: pytest.FixtureRequest) -> None:
+    """Bulk encoding gives tokenize()'s ids with the fast backend (gigatoken, BPE only) or
+    without, literal special and user-defined tokens included."""
+    tok = load_tokenizer(request.getfixturevalue(model_fixture))
+    texts = SENTENCES + [
+        "a literal <s> and </s> in text, <pad> and <unk> too",
+        "user-defined <|tool|> call(x) <|tool|>",
+        "plain again",
+    ]
+    expected = [tok.tokenize(t) for t in texts]
+    flat, lengths = tok.tokenize_flat(texts)
+    assert lengths.tolist() == [len(ids) for ids in expected]
+    assert flat.tolist() == [i for ids in expected for i in ids]
+
+    backend = tok.use_fast_backend()
+    try:
+        import gigatoken  # noqa: F401
+    except ImportError:
+        assert backend is None and "not installed" in tok.fast_backend_error
+    else:
+        if model_fixture == "spm_model":
+            assert backend == tok.batch_backend == "gigatoken"
+        else:  # gigatoken encodes BPE models only
+            assert backend is None and "BPE" in tok.fast_backend_error
+    for batch in (texts, texts[-3:], texts[:2]):  # with and without literal specials
+        flat, lengths = tok.tokenize_flat(batch)
+        assert lengths.tolist() == [len(tok.tokenize(t)) for t in batch]
+        assert flat.tolist() == [i for t in batch for i in tok.tokenize(t)]
