@@ -35,7 +35,13 @@ import submitit
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout: python launch/submit.py
 
-from megatron_forge.config import Config, ConfigError, LaunchConfig, load_config  # noqa: E402
+from megatron_forge.config import (  # noqa: E402
+    Config,
+    ConfigError,
+    LaunchConfig,
+    load_config,
+    validate_for_world,
+)
 
 # Flags that map onto the launch section: flag dest -> LaunchConfig field.
 LAUNCH_FLAGS = {
@@ -124,11 +130,9 @@ def validate_for_target(cfg: Config, args: argparse.Namespace) -> None:
     Transformer Engine imports there is checked again by the training processes)."""
     world_size = cfg.launch.world_size
     if args.local:
-        from megatron_forge.train import validate_for_world
-
         validate_for_world(cfg, world_size)
     else:
-        cfg.validate(world_size, cuda_available=not args.cpu, te_available=True)
+        validate_for_world(cfg, world_size, cuda_available=not args.cpu, te_available=True)
 
 
 def slurm_parameters(launch: LaunchConfig, *, gpus: bool, workdir: Path) -> dict[str, Any]:

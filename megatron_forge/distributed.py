@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime
 import os
 import re
-import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Optional
@@ -19,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_forge.config import Config
+from megatron_forge.utils import free_port
 
 
 @dataclass(frozen=True)
@@ -88,13 +88,7 @@ def read_environment(env: Optional[Mapping[str, str]] = None) -> DistEnv:
             master_port=int(env.get("MASTER_PORT") or port_from_job_id(job_id)),
             source="slurm",
         )
-    return DistEnv(0, 1, 0, "127.0.0.1", _free_port(), "single")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return DistEnv(0, 1, 0, "127.0.0.1", free_port(), "single")
 
 
 def initialize(cfg: Config, env: Optional[DistEnv] = None, timeout_minutes: int = 10) -> DistEnv:

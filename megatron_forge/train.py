@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from megatron_forge.config import Config, ConfigError, load_config
+from megatron_forge.config import Config, ConfigError, load_config, validate_for_world
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -22,18 +22,6 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     )
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
     return parser.parse_args(argv), []
-
-
-def validate_for_world(cfg: Config, world_size: int) -> None:
-    import torch
-
-    from megatron_forge.models import transformer_engine_available
-
-    cfg.validate(
-        world_size,
-        cuda_available=torch.cuda.is_available(),
-        te_available=transformer_engine_available(),
-    )
 
 
 def run(cfg: Config) -> None:

@@ -13,7 +13,10 @@ into the tokenizer that returns numpy arrays: for SentencePiece BPE models the R
 package when it is installed (same ids as sentencepiece, about 10x faster; see
 megatron_forge.data.tokenizer.GigatokenSentencePiece), else SentencePiece's list encode or the
 `tokenizers` library's `encode_batch_fast`; `--tokenizer-backend native` forces the latter.
-The main process only reads, decompresses and writes. Results are written in input order, so
+jsonl chunks are parsed by Arrow's JSON reader (line by line with json.loads when a chunk has
+a bad record, for its exact message), and with gigatoken the texts stay Arrow arrays, never
+Python strings. The main process only reads (whole blocks, not lines), decompresses and
+writes; nothing imports torch. Results are written in input order, so
 the output is byte-identical for any number of workers. At most `4 x workers` chunks are in
 flight and the index is built from a spooled file, so memory stays flat however large the
 input is. Progress lines report docs/s and tokens/s; tools/bench_preprocess.py measures it
@@ -47,6 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
 # megatron-core, if something imports it, warns that TE/apex are missing: irrelevant here.
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
@@ -59,7 +63,9 @@ from megatron_forge.data.corpus import (  # noqa: E402
     BadRecordError,
     Chunk,
     InputError,
+    Texts,
     chunk_records,
+    drop_blank,
     iter_chunks,
     resolve_inputs,
 )
@@ -118,18 +124,17 @@ class Encoder:
     dtype: type[np.number]
 
     def encode_chunk(self, chunk: Chunk) -> EncodedChunk:
-        texts, bad = chunk_records(chunk, self.json_keys)
+        # Arrow arrays straight into the tokenizer when it takes them: no Python strings.
+        texts, bad = chunk_records(chunk, self.json_keys, arrow=self.tokenizer.takes_arrow)
         out = EncodedChunk({}, {}, {}, bad, chunk.num_bytes)
         for key in self.json_keys:
-            # `text and not text.isspace()` is `text.strip()` without copying the text
-            docs = [text for text in texts[key] if text and not text.isspace()]
-            out.num_empty[key] = len(texts[key]) - len(docs)
+            docs, out.num_empty[key] = drop_blank(texts[key])
             out.tokens[key], out.lengths[key] = self.encode_texts(docs)
         return out
 
-    def encode_texts(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    def encode_texts(self, texts: Texts) -> tuple[np.ndarray, np.ndarray]:
         """All documents' ids back to back (each followed by EOD if asked) and their lengths."""
-        if not texts:
+        if not len(texts):
             return np.zeros(0, self.dtype), np.zeros(0, np.int32)
         flat, lengths = self.tokenizer.tokenize_flat(texts)
         flat = flat.astype(self.dtype, copy=False)
@@ -146,6 +151,8 @@ def _init_worker(
     tokenizer_path: str, json_keys: list[str], append_eod: bool, dtype: type, fast: bool
 ) -> None:
     global _WORKER_ENCODER
+    if _WORKER_ENCODER is not None:  # forked: the parent's encoder, tokenizer loaded, is here
+        return
     tokenizer = load_tokenizer(tokenizer_path)
     if fast:  # the parent checked it; either backend gives the same ids
         tokenizer.use_fast_backend()
@@ -165,12 +172,20 @@ def encode_all(
     Pool.imap would read the whole input ahead of slow workers; a window of pending
     results keeps memory flat however large the input is.
     """
+    global _WORKER_ENCODER
     if num_workers <= 1:
         yield from map(encoder.encode_chunk, chunks)
         return
     fast = encoder.tokenizer.batch_backend != encoder.tokenizer.library
     initargs = (tokenizer_path, encoder.json_keys, encoder.append_eod, encoder.dtype, fast)
-    with multiprocessing.Pool(num_workers, _init_worker, initargs) as pool:
+    drop_blank(pa.array([], pa.string()))  # builds its pattern once, before workers fork
+    # Workers made by fork inherit this encoder (no tokenizer reload); others build their own.
+    _WORKER_ENCODER = encoder
+    try:
+        pool = multiprocessing.Pool(num_workers, _init_worker, initargs)
+    finally:
+        _WORKER_ENCODER = None
+    with pool:
         pending: deque = deque()
         for chunk in chunks:
             pending.append(pool.apply_async(_encode_in_worker, (chunk,)))

@@ -24,10 +24,7 @@ from typing import Any, BinaryIO, Optional
 
 import torch
 
-
-class ConvertError(ValueError):
-    """A user-fixable problem with a conversion's inputs or outputs."""
-
+from megatron_forge.errors import ConvertError  # noqa: F401  (re-exported: convert.files.ConvertError)
 
 DTYPE_NAMES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SAFETENSORS_DTYPES = {

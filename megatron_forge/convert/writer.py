@@ -12,7 +12,6 @@ source tensors of one conversion rule at a time.
 from __future__ import annotations
 
 import io
-import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 import torch
 
 from megatron_forge.config import Config
+from megatron_forge.utils import free_port
 
 # (key, index) -> that item of the global tensor without its leading index axes
 ProduceFn = Callable[[str, tuple[int, ...]], torch.Tensor]
@@ -42,12 +42,6 @@ class Chunk:
         return self.offset[: self.num_index_axes]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def megatron_layout(cfg: Config, vocab_size: int) -> tuple[list[Chunk], dict[str, Any]]:
     """The chunks and sharded objects (unique key -> data) of ``cfg``'s model, as
     megatron-core's sharded_state_dict describes them, from a model on the meta device.
@@ -64,7 +58,7 @@ def megatron_layout(cfg: Config, vocab_size: int) -> tuple[list[Chunk], dict[str
     from megatron_forge import distributed
     from megatron_forge.models import build_model, build_transformer_config
 
-    env = distributed.DistEnv(0, 1, 0, "127.0.0.1", _free_port(), "single")
+    env = distributed.DistEnv(0, 1, 0, "127.0.0.1", free_port(), "single")
     distributed.initialize(cfg, env)
     try:
         tf_config = build_transformer_config(cfg)

@@ -12,22 +12,30 @@ chunk an Arrow record batch (pickled buffer by buffer). Parsing happens in the w
 
 from __future__ import annotations
 
+import functools
 import glob
 import gzip
 import json
 import re
+import sys
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa  # imported here, not per chunk: forked workers start with it loaded
+import pyarrow.compute as pc
+import pyarrow.json as pa_json
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst")
 PARQUET_SUFFIXES = (".parquet",)
 SUPPORTED = "jsonl (.jsonl, .jsonl.gz, .jsonl.zst) or parquet (.parquet)"
 MAX_CHUNK_BYTES = 8 << 20  # bounds a chunk of very long documents
 READ_BLOCK_BYTES = 1 << 20
+
+
+Texts = Any  # list[str], or a pyarrow string array (chunk_records(..., arrow=True))
 
 
 class BadRecordError(ValueError):
@@ -208,7 +216,6 @@ def _cut(
 def _parquet_chunks(
     path: Path, json_keys: list[str], rows_per_chunk: int, max_bytes: int
 ) -> Iterator[Chunk]:
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
@@ -258,17 +265,21 @@ def read_texts(path: str, lineno: int, line: bytes, json_keys: list[str]) -> dic
     return texts
 
 
-def chunk_records(chunk: Chunk, json_keys: list[str]) -> tuple[dict[str, list[str]], list[str]]:
+def chunk_records(
+    chunk: Chunk, json_keys: list[str], arrow: bool = False
+) -> tuple[dict[str, Texts], list[str]]:
     """The texts of a chunk per key (records in order) and the reasons of its bad records.
 
-    Blank jsonl lines are not records: they are neither returned nor counted as bad.
+    Blank jsonl lines are not records: they are neither returned nor counted as bad. With
+    `arrow`, a chunk without bad records may come back as pyarrow string arrays (the same
+    texts, no Python strings made); otherwise, and for chunks with bad records, as lists.
     """
     texts: dict[str, list[str]] = {key: [] for key in json_keys}
     bad: list[str] = []
     if isinstance(chunk.payload, bytes):
         fast = _jsonl_texts_arrow(chunk.payload, json_keys)
         if fast is not None:
-            return fast, bad
+            return ({k: v if arrow else v.to_pylist() for k, v in fast.items()}), bad
         for lineno, line in enumerate(chunk.payload.split(b"\n"), chunk.first):
             if not line.strip():
                 continue
@@ -280,6 +291,8 @@ def chunk_records(chunk: Chunk, json_keys: list[str]) -> tuple[dict[str, list[st
             for key in json_keys:
                 texts[key].append(record[key])
         return texts, bad
+    if arrow and not any(chunk.payload.column(key).null_count for key in json_keys):
+        return {key: chunk.payload.column(key) for key in json_keys}, bad
     columns = [chunk.payload.column(key).to_pylist() for key in json_keys]
     for offset, values in enumerate(zip(*columns)):
         missing = [key for key, value in zip(json_keys, values) if value is None]
@@ -297,7 +310,7 @@ _SPACE = b" \t\r\x0b\x0c"
 _INNER_BLANK_LINE = re.compile(rb"\n[ \t\r\x0b\x0c]*\n")
 
 
-def _jsonl_texts_arrow(payload: bytes, json_keys: list[str]) -> dict[str, list[str]] | None:
+def _jsonl_texts_arrow(payload: bytes, json_keys: list[str]) -> dict[str, Any] | None:
     """The texts of a chunk of jsonl lines, parsed by Arrow's C++ JSON reader (about 5x
     faster than json.loads line by line), or None when the chunk is not plain: a blank line,
     a line that is not one JSON object with a string under every key, or anything Arrow
@@ -307,9 +320,6 @@ def _jsonl_texts_arrow(payload: bytes, json_keys: list[str]) -> dict[str, list[s
     (two objects on one line, a repeated key, lone surrogate escapes) Arrow either fails or
     yields a row count that does not match the line count, so the slow path decides.
     """
-    import pyarrow as pa
-    import pyarrow.json as pa_json
-
     body = payload[:-1] if payload.endswith(b"\n") else payload
     first_end, last_start = body.find(b"\n"), body.rfind(b"\n") + 1
     if (
@@ -331,10 +341,28 @@ def _jsonl_texts_arrow(payload: bytes, json_keys: list[str]) -> dict[str, list[s
         return None
     if table.num_rows != body.count(b"\n") + 1:
         return None
-    columns = [table.column(key) for key in json_keys]
+    columns = [table.column(key).combine_chunks() for key in json_keys]
     if any(column.null_count for column in columns):
         return None
-    return {key: column.to_pylist() for key, column in zip(json_keys, columns)}
+    return dict(zip(json_keys, columns))
+
+
+@functools.cache
+def _blank_pattern() -> str:
+    """An RE2 pattern matching exactly the strings `str.strip()` empties, for Arrow."""
+    spaces = (c for c in map(chr, range(sys.maxunicode + 1)) if c.isspace())
+    return "^[" + "".join(f"\\x{{{ord(c):x}}}" for c in spaces) + "]*$"
+
+
+def drop_blank(texts: Texts) -> tuple[Texts, int]:
+    """The texts that are not empty or whitespace only (`text.strip()` is true), and how many
+    were dropped; pyarrow string arrays are filtered without making Python strings."""
+    if isinstance(texts, list):
+        kept = [text for text in texts if text and not text.isspace()]  # no copy, unlike strip
+        return kept, len(texts) - len(kept)
+    blank = pc.match_substring_regex(texts, _blank_pattern())
+    num_blank = pc.sum(blank).as_py() or 0
+    return (pc.filter(texts, pc.invert(blank)) if num_blank else texts), num_blank
 
 
 def iter_texts(files: list[Path], json_key: str) -> Iterator[str]:

@@ -139,9 +139,13 @@ class Tokenizer(MegatronTokenizerBase):
         """Return `tokenize(text)` for each text, in one call into the backend (faster)."""
         return [self.tokenize(text) for text in texts]
 
-    def tokenize_flat(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    def tokenize_flat(self, texts: Any) -> tuple[np.ndarray, np.ndarray]:
         """`tokenize_batch(texts)` as two arrays: every text's ids back to back, and each
-        text's number of ids. Backends that can skip the Python lists do."""
+        text's number of ids. Backends that can skip the Python lists do. `texts` is a list
+        of str, or a pyarrow string array (read without Python strings where `takes_arrow`).
+        """
+        if not isinstance(texts, list):
+            texts = texts.to_pylist()
         ids = self.tokenize_batch(texts)
         lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
         flat = np.fromiter(
@@ -159,6 +163,11 @@ class Tokenizer(MegatronTokenizerBase):
     def batch_backend(self) -> str:
         """The library `tokenize_flat` runs on."""
         return self.library
+
+    @property
+    def takes_arrow(self) -> bool:
+        """Whether `tokenize_flat` reads pyarrow string arrays without making Python strings."""
+        return False
 
     def detokenize(self, ids: Any) -> str:
         """Return the text of `ids` (a list or a numpy array); special tokens are dropped."""
@@ -272,10 +281,14 @@ class SentencePieceTokenizer(Tokenizer):
         # One thread: preprocessing parallelizes with processes, one per core.
         return self._sp.encode(texts, num_threads=1)
 
-    def tokenize_flat(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    def tokenize_flat(self, texts: Any) -> tuple[np.ndarray, np.ndarray]:
         if self._fast is None:
             return super().tokenize_flat(texts)
         return self._fast.encode_flat(texts)
+
+    @property
+    def takes_arrow(self) -> bool:
+        return self._fast is not None
 
     def use_fast_backend(self) -> str | None:
         if self._fast is None:
@@ -469,31 +482,65 @@ class GigatokenSentencePiece:
             if ids.tolist() != sp.encode(text):
                 raise FastBackendUnavailable(f"gigatoken encodes {text!r} differently")
 
-    def _encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    def _encode(self, texts: Any) -> tuple[np.ndarray, np.ndarray]:
+        if not isinstance(texts, list):
+            texts = self._awkward_strings(texts)
         # parallel=False: one thread; preprocessing parallelizes with processes.
         rows = self._tok.encode_batch(texts, parallel=False)
         flat = self._ak.flatten(rows).to_numpy()
         return flat, self._ak.num(rows, axis=1).to_numpy().astype(np.int64)
 
-    def encode_flat(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Every text's ids back to back (uint32) and each text's number of ids."""
+    def _awkward_strings(self, texts: Any) -> Any:
+        """A pyarrow string array as an awkward array of strings on the same UTF-8 buffer."""
+        import pyarrow as pa
+
+        texts = texts.cast(pa.large_string())  # int64 offsets, which gigatoken takes
+        _, offsets, data = texts.buffers()
+        offsets = np.frombuffer(offsets, np.int64)[texts.offset : texts.offset + len(texts) + 1]
+        chars = np.frombuffer(data, np.uint8) if data is not None else np.zeros(0, np.uint8)
+        ak = self._ak
+        layout = ak.contents.ListOffsetArray(
+            ak.index.Index64(offsets),
+            ak.contents.NumpyArray(chars, parameters={"__array__": "char"}),
+            parameters={"__array__": "string"},
+        )
+        return ak.Array(layout)
+
+    def encode_flat(self, texts: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Every text's ids back to back (uint32) and each text's number of ids; `texts` is a
+        list of str or a pyarrow string array."""
         slow = self._documents_with_literals(texts)
         if not slow:
             return self._encode(texts)
-        flat, lengths = self._encode([("" if i in slow else t) for i, t in enumerate(texts)])
+        if isinstance(texts, list):
+            flat, lengths = self._encode([("" if i in slow else t) for i, t in enumerate(texts)])
+        else:
+            import pyarrow.compute as pc
+
+            mask = np.zeros(len(texts), bool)
+            mask[list(slow)] = True
+            flat, lengths = self._encode(pc.if_else(mask, "", texts))
         starts = np.concatenate([[0], np.cumsum(lengths)])
         pieces, done = [], 0
         for i in sorted(slow):  # their rows are empty: insert sentencepiece's ids there
-            ids = np.asarray(self._sp.encode(texts[i]), dtype=flat.dtype)
+            text = texts[i] if isinstance(texts, list) else texts[i].as_py()
+            ids = np.asarray(self._sp.encode(text), dtype=flat.dtype)
             pieces += [flat[done : starts[i]], ids]
             lengths[i], done = len(ids), starts[i]
         pieces.append(flat[done:])
         return np.concatenate(pieces), lengths
 
-    def _documents_with_literals(self, texts: list[str]) -> set[int]:
+    def _documents_with_literals(self, texts: Any) -> set[int]:
         """Indices of the texts that contain a user-defined piece."""
-        if not self.literals or not texts:
+        if not self.literals or not len(texts):
             return set()
+        if not isinstance(texts, list):
+            import pyarrow.compute as pc
+
+            hit = pc.match_substring(texts, self.literals[0])
+            for literal in self.literals[1:]:
+                hit = pc.or_(hit, pc.match_substring(texts, literal))
+            return set(np.flatnonzero(hit.to_numpy(zero_copy_only=False)).tolist())
         joined = "\x00".join(texts)  # one scan per literal instead of one per document
         hits = []
         for literal in self.literals:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -12,26 +11,13 @@ from megatron_forge.config import Config, ModelConfig
 from megatron_forge.models.llama.model import architecture as llama_architecture
 from megatron_forge.models.mixtral.model import architecture as mixtral_architecture
 from megatron_forge.models.qwen2.model import architecture as qwen2_architecture
+from megatron_forge.utils import DTYPES, transformer_engine_available
 
 FAMILIES: dict[str, Callable[[ModelConfig], dict[str, Any]]] = {
     "llama": llama_architecture,
     "qwen2": qwen2_architecture,
     "mixtral": mixtral_architecture,
 }
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-@functools.cache
-def transformer_engine_available() -> bool:
-    """True when Transformer Engine imports and a GPU is present (its spec needs CUDA)."""
-    if not torch.cuda.is_available():
-        return False
-    try:
-        import transformer_engine.pytorch  # noqa: F401
-    except Exception:
-        return False
-    return True
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel: int) -> int:

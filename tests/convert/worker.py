@@ -28,14 +28,14 @@ def megatron_logits(ckpt_dir: str, tokens: torch.Tensor) -> torch.Tensor:
     from megatron_forge import distributed
     from megatron_forge.config import from_dict
     from megatron_forge.convert.reader import MegatronCheckpoint
-    from megatron_forge.convert.writer import _free_port
     from megatron_forge.models import build_model, build_transformer_config
+    from megatron_forge.utils import free_port
 
     ckpt = MegatronCheckpoint(ckpt_dir)
     cfg = from_dict({"model": ckpt.raw_config["model"], "precision": {"params_dtype": "fp32"}})
     padded = ckpt.shape("embedding.word_embeddings.weight")[0]
     cfg.model.make_vocab_size_divisible_by = padded  # pad exactly as the saving run did
-    distributed.initialize(cfg, distributed.DistEnv(0, 1, 0, "127.0.0.1", _free_port(), "single"))
+    distributed.initialize(cfg, distributed.DistEnv(0, 1, 0, "127.0.0.1", free_port(), "single"))
     try:
         (model,) = build_model(cfg, build_transformer_config(cfg), padded)
         state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(ckpt.path))

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 
 from megatron_forge.data import corpus
@@ -87,7 +88,11 @@ def test_arrow_parsing_equals_json_loads(name: str) -> None:
             expected_bad.append(str(e))
     assert (texts["text"], bad) == (expected, expected_bad)
     fast = corpus._jsonl_texts_arrow(chunk.payload, ["text"])
-    assert fast is None or (fast["text"] == expected and not expected_bad)
+    assert fast is None or (fast["text"].to_pylist() == expected and not expected_bad)
+    arrow_texts, arrow_bad = chunk_records(chunk, ["text"], arrow=True)
+    assert (list(arrow_texts["text"]) if fast is None else arrow_texts["text"].to_pylist()) == (
+        expected
+    ) and arrow_bad == expected_bad
     if name in ("plain", "crlf", "no final newline"):
         assert fast is not None  # the common case does take the fast path
 
@@ -127,3 +132,15 @@ def test_jsonl_chunks_parse_like_json_loads(tmp_path: Path) -> None:
         assert not bad
         got += records["text"]
     assert got == texts
+
+
+def test_drop_blank_lists_and_arrow_agree() -> None:
+    """Blank documents are those `text.strip()` empties, for lists and Arrow arrays alike."""
+    spaces = [chr(c) for c in range(0x3001) if chr(c).isspace()]
+    not_spaces = ["\u200b", "\ufeff", "\x00", "a", "é", "\u180e"]
+    texts = ["", *spaces, "".join(spaces), *not_spaces, " x ", spaces[0] + not_spaces[0]]
+    expected = [t for t in texts if t.strip()]
+    kept, dropped = corpus.drop_blank(texts)
+    assert (kept, dropped) == (expected, len(texts) - len(expected))
+    kept, dropped = corpus.drop_blank(pa.array(texts))
+    assert (kept.to_pylist(), dropped) == (expected, len(texts) - len(expected))

@@ -7,6 +7,7 @@ import pickle
 import shutil
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 
 from megatron_forge.data.tokenizer import (
@@ -176,7 +177,9 @@ def test_tokenize_flat_equals_tokenize(model_fixture: str, request: pytest.Fixtu
             assert backend == tok.batch_backend == "gigatoken"
         else:  # gigatoken encodes BPE models only
             assert backend is None and "BPE" in tok.fast_backend_error
-    for batch in (texts, texts[-3:], texts[:2]):  # with and without literal specials
-        flat, lengths = tok.tokenize_flat(batch)
+    arrow = pa.array(texts)
+    for batch in (texts, texts[-3:], texts[:2], arrow, arrow[-3:], arrow[1:4], arrow[:0]):
+        flat, lengths = tok.tokenize_flat(batch)  # lists, and Arrow arrays (sliced too)
+        batch = batch if isinstance(batch, list) else batch.to_pylist()
         assert lengths.tolist() == [len(tok.tokenize(t)) for t in batch]
         assert flat.tolist() == [i for t in batch for i in tok.tokenize(t)]

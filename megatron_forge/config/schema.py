@@ -1,6 +1,6 @@
-"""One typed configuration tree: YAML files map onto it 1:1, CLIs override ``section.key=value``.
+"""The schema: one typed tree of dataclasses, every config key in one file.
 
-Each section checks its own fields in ``__post_init__``; rules that involve several
+YAML files map onto it 1:1 (:mod:`.loader`), CLIs override ``section.key=value``. Each section checks its own fields in ``__post_init__``; rules that involve several
 sections or the world size live in :meth:`Config.validate`, which runs before anything
 is allocated or submitted. Every error names the field at fault and how to fix it.
 """
@@ -8,19 +8,13 @@ is allocated or submitted. Every error names the field at fault and how to fix i
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import re
-import types
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A user-fixable problem in a config file, an override or a parallel layout."""
+from megatron_forge.errors import ConfigError
 
 
 def _require(condition: bool, message: str) -> None:
@@ -474,7 +468,8 @@ class LoggingConfig:
 
 @dataclass
 class LaunchConfig:
-    """How launch/submit.py asks Slurm for resources; ignored by the training processes."""
+    """How launch/submit.py asks Slurm for resources. The training processes read only
+    ``max_requeues`` (preemption and the hang watchdog requeue the job at most that often)."""
 
     nodes: int = 1
     gpus_per_node: int = 8
@@ -610,6 +605,22 @@ class Config:
                 f"parallel.context={p.context} needs Transformer Engine's attention; install "
                 "the [gpu] extra on a CUDA machine or set parallel.context: 1",
             )
+        if t.skip_train:
+            _require(
+                t.eval_interval > 0 and t.eval_iters > 0,
+                "train.skip_train=true evaluates the validation split only; set "
+                "train.eval_interval > 0 and train.eval_iters > 0",
+            )
+            d = self.data
+            if d.format == "webdataset":
+                has_valid, where = bool(d.valid_shards), "data.valid_shards is empty"
+            elif d.blend_per_split is not None:
+                has_valid = bool(d.blend_per_split.get("valid"))
+                where = "data.blend_per_split has no 'valid' blend"
+            else:
+                has_valid = float(d.split.split(",")[1]) > 0
+                where = f"data.split={d.split!r} gives it no share"
+            _require(has_valid, f"train.skip_train=true needs a validation split, but {where}")
         r = self.recompute
         if r.granularity == "full" and r.method == "block":
             per_stage = m.num_layers // stages
@@ -663,141 +674,3 @@ class Config:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-
-# ---------------------------------------------------------------------------------------
-# Loading: YAML + dotted overrides -> typed tree, with clear errors
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """safe_load that refuses duplicate keys (PyYAML silently keeps the last one)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r}", key_node.start_mark
-                )
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-def _suggest(name: str, options: list[str]) -> str:
-    close = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
-    return f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(options)}"
-
-
-def _check_type(value: Any, hint: Any, where: str) -> Any:
-    """Return ``value`` checked (and int->float widened) against a type hint."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(hint)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _check_type(value, arg, where)
-            except ConfigError as err:
-                errors.append(str(err))
-        raise ConfigError(errors[0])
-    if origin is Literal:
-        choices = typing.get_args(hint)
-        _require(value in choices, f"{where}={value!r} must be one of {list(choices)}")
-        return value
-    if origin is list:
-        _require(isinstance(value, list), f"{where}={value!r} must be a list")
-        return value
-    if hint is float:
-        if isinstance(value, str):  # PyYAML reads "1e-4" (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        _require(ok, f"{where}={value!r} must be a number")
-        return float(value)
-    if hint is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-        _require(ok, f"{where}={value!r} must be an integer")
-        return value
-    if hint is bool:
-        _require(isinstance(value, bool), f"{where}={value!r} must be true or false")
-        return value
-    if hint is str:
-        # Strict on purpose: YAML turns an unquoted 4:00:00 into the integer 14400.
-        _require(
-            isinstance(value, str),
-            f'{where}={value!r} must be a string; quote it in YAML (e.g. "4:00:00")',
-        )
-        return value
-    return value
-
-
-def _build_section(cls: type, values: dict[str, Any], where: str) -> Any:
-    _require(isinstance(values, dict), f"{where} must be a mapping, got {values!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in values.items():
-        _require(key in names, f"unknown key '{where}.{key}'" + _suggest(key, names))
-        hint = hints[key]
-        if dataclasses.is_dataclass(hint):
-            kwargs[key] = _build_section(hint, value or {}, f"{where}.{key}")
-        else:
-            kwargs[key] = _check_type(value, hint, f"{where}.{key}")
-    return cls(**kwargs)
-
-
-def from_dict(values: dict[str, Any]) -> Config:
-    """Build a validated-per-section Config from a nested dict (as read from YAML)."""
-    hints = typing.get_type_hints(Config)
-    names = list(hints)
-    sections = {}
-    for key, value in (values or {}).items():
-        _require(key in names, f"unknown section '{key}'" + _suggest(key, names))
-        _require(isinstance(value, dict), f"section '{key}' must be a mapping")
-        sections[key] = value
-    return Config(**{k: _build_section(hints[k], v, k) for k, v in sections.items()})
-
-
-def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``section.key=value`` strings (values parsed as YAML) to a nested dict."""
-    values = {k: dict(v or {}) for k, v in (values or {}).items()}
-    valid_sections = list(typing.get_type_hints(Config))
-    for item in overrides:
-        _require(
-            "=" in item and "." in item.split("=", 1)[0],
-            f"override {item!r} must look like section.key=value (e.g. train.lr=1e-4)",
-        )
-        path, raw = item.split("=", 1)
-        section, key = path.split(".", 1)
-        _require(
-            section in valid_sections,
-            f"override {item!r}: unknown section '{section}'" + _suggest(section, valid_sections),
-        )
-        values.setdefault(section, {})[key] = yaml.safe_load(raw) if raw != "" else None
-    return values
-
-
-def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> Config:
-    """Read a YAML config (or defaults when ``path`` is None) and apply overrides."""
-    values: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        _require(path.is_file(), f"config file {path} does not exist")
-        try:
-            values = yaml.load(path.read_text(), Loader=_StrictLoader) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path} is not valid YAML: {err}") from None
-        _require(isinstance(values, dict), f"{path} must hold a mapping of sections")
-    values = apply_overrides(values, overrides or [])
-    try:
-        return from_dict(values)
-    except ConfigError as err:
-        where = f"{path}: " if path is not None else ""
-        raise ConfigError(f"{where}{err}") from None
