@@ -32,16 +32,14 @@ from typing import Any, Optional
 
 import submitit
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run from a checkout: python launch/submit.py
-
-from megatron_forge.config import (  # noqa: E402
+from megatron_forge.config import (
     Config,
     ConfigError,
     LaunchConfig,
     load_config,
     validate_for_world,
 )
+from megatron_forge.errors import ForgeError
 
 # Flags that map onto the launch section: flag dest -> LaunchConfig field.
 LAUNCH_FLAGS = {
@@ -228,7 +226,9 @@ class TrainJob:
     """What every task runs: the training entry point with torch.distributed's env set.
 
     Pickled at submission with only the config path and overrides, so a requeued job
-    builds its state from the checkpoint in ``checkpoint.load``.
+    builds its state from the checkpoint in ``checkpoint.load``. The job's interpreter (this
+    one, or the container's ``python``) imports megatron_forge as installed there; inside a
+    container started in the submit directory, ``python -m`` also finds a checkout there.
     """
 
     def __init__(self, config: str, overrides: list[str], workdir: str, num_threads: int):
@@ -239,7 +239,6 @@ class TrainJob:
 
     def __call__(self) -> None:
         os.chdir(self.workdir)  # relative paths in the config mean the submit directory
-        sys.path.insert(0, str(REPO))
         os.environ.update(torch_distributed_env(submitit.JobEnvironment()))
         os.environ.setdefault("OMP_NUM_THREADS", str(self.num_threads))
         from megatron_forge.train import main
@@ -369,8 +368,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         cfg = load_config(args.config, overrides)
         validate_for_target(cfg, args)
         executor = build_executor(cfg, args, workdir)
-    except ConfigError as err:
-        print(f"config error: {err}; nothing submitted", file=sys.stderr)
+    except ForgeError as err:
+        print(f"{err.kind}: {err}; nothing submitted", file=sys.stderr)
         return 2
     if args.dry_run:
         print_plan(cfg, args, executor)

@@ -4,13 +4,15 @@ megatron-core 0.16 is written for CUDA: it allocates buffers with ``device="cuda
 checks ``tensor.type() == "torch.cuda.FloatTensor"``, forks the CUDA RNG for
 tensor-parallel dropout and uses CUDA streams in the MoE dispatcher. Its math runs on
 CPU, so each assumption is redirected to the CPU equivalent here. ``install()`` is called
-only when CUDA is absent (see :func:`megatron_forge.distributed.initialize`); on a GPU
-nothing here is touched. This is a correctness path for tests and laptops, not a
-performance path.
+only when CUDA is absent (see :func:`megatron_forge.distributed.initialize`) and refuses
+to run where CUDA is available: on a GPU nothing here is touched. This is a correctness
+path for tests and laptops, not a performance path.
 
 Every patch names the megatron-core behaviour it replaces. The patches were written
-against megatron-core 0.16.x; on another version ``install()`` refuses to run rather
-than silently mis-emulating (set ``FORGE_CPU_EMULATION_ANY_VERSION=1`` to try anyway).
+against the megatron-core versions in ``SUPPORTED_MCORE``, the range pyproject.toml pins
+(tests/test_cpu.py checks that the two agree); on another version ``install()`` refuses to
+run rather than silently mis-emulating (set ``FORGE_CPU_EMULATION_ANY_VERSION=1`` to try
+anyway).
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
-SUPPORTED_MCORE_PREFIX = "0.16."
+SUPPORTED_MCORE = ">=0.16.1,<0.17"
+"""The megatron-core versions this emulation supports; pyproject.toml requires
+``megatron-core`` with exactly this specifier."""
 
 _installed = False
 
@@ -113,16 +117,16 @@ class _InertEvent:
 def check_mcore_version() -> str:
     """Return megatron-core's version, raising if the emulation was not written for it."""
     import megatron.core
+    from packaging.specifiers import SpecifierSet  # a megatron-core dependency
 
     version = megatron.core.__version__
-    if not version.startswith(SUPPORTED_MCORE_PREFIX) and not os.environ.get(
-        "FORGE_CPU_EMULATION_ANY_VERSION"
-    ):
+    supported = SpecifierSet(SUPPORTED_MCORE).contains(version, prereleases=True)
+    if not supported and not os.environ.get("FORGE_CPU_EMULATION_ANY_VERSION"):
         raise RuntimeError(
-            f"megatron_forge.cpu emulates megatron-core {SUPPORTED_MCORE_PREFIX}x on CPU, but "
-            f"megatron-core {version} is installed. Install megatron-core=="
-            f"{SUPPORTED_MCORE_PREFIX}* or review megatron_forge/cpu.py against the new "
-            "version (FORGE_CPU_EMULATION_ANY_VERSION=1 skips this check)."
+            f"megatron_forge.cpu emulates megatron-core {SUPPORTED_MCORE} on CPU, but "
+            f"megatron-core {version} is installed. Install 'megatron-core{SUPPORTED_MCORE}' "
+            "or review megatron_forge/cpu.py against the new version "
+            "(FORGE_CPU_EMULATION_ANY_VERSION=1 skips this check)."
         )
     return version
 
@@ -185,12 +189,21 @@ def _patch_moe() -> None:
 
 
 def install() -> None:
-    """Install the CPU emulation once per process. A no-op when CUDA is available."""
+    """Install the CPU emulation once per process (later calls do nothing).
+
+    Only for processes without CUDA: with a GPU visible it raises RuntimeError rather than
+    send every CUDA allocation to the CPU. Callers check first, as
+    :func:`megatron_forge.distributed.initialize` does; hide the GPUs
+    (``CUDA_VISIBLE_DEVICES=``) to run on CPU on a GPU machine.
+    """
     global _installed
     if _installed:
         return
     if torch.cuda.is_available():
-        raise RuntimeError("megatron_forge.cpu.install() called on a machine with CUDA")
+        raise RuntimeError(
+            "megatron_forge.cpu.install() called in a process that sees CUDA: the CPU "
+            "emulation is for machines without GPUs; set CUDA_VISIBLE_DEVICES= to run on CPU"
+        )
     check_mcore_version()
     _patch_device_queries()
     _patch_rng()

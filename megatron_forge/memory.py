@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from megatron_forge.config import Config, ConfigError, load_config
-from megatron_forge.models.build import padded_vocab_size
+from megatron_forge.models import check_model_config, padded_vocab_size
 
 GB = 2**30
 BYTES_PER_PARAM = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -201,6 +201,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        check_model_config(cfg.model)
         world_size = args.world_size or cfg.launch.world_size
         cfg.validate(world_size, cuda_available=True, te_available=True)
         print(estimate_memory(cfg, world_size))

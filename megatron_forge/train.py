@@ -10,8 +10,13 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from megatron_forge.config import Config, ConfigError, load_config, validate_for_world
+from megatron_forge.config import Config, load_config, validate_for_world
+from megatron_forge.errors import ForgeError
+
+if TYPE_CHECKING:
+    from megatron_forge.training.callback import Callback
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -24,18 +29,53 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return parser.parse_args(argv), []
 
 
+def build_callbacks(cfg: Config) -> list[Callback]:
+    """The side concerns of a run, in hook order: the watchdog first (its clock), the
+    saver before the loggers (which report save time), throughput before the loggers (it
+    adds TFLOP/s and MFU to the metrics), preemption last (it exits)."""
+    from megatron_forge.checkpointing import Checkpointer
+    from megatron_forge.training.checkpoint_saver import CheckpointSaver
+    from megatron_forge.training.metrics_logger import MetricsLogger
+    from megatron_forge.training.monitors import (
+        TensorBoardCallback,
+        ThroughputCallback,
+        WandbCallback,
+    )
+    from megatron_forge.training.preemption import PreemptionHandler
+    from megatron_forge.training.watchdog import HangWatchdog
+
+    callbacks: list[Callback] = []
+    if cfg.train.hang_timeout_s:
+        callbacks.append(
+            HangWatchdog(cfg.logging.dir, cfg.train.hang_timeout_s, cfg.launch.max_requeues)
+        )
+    saver = None
+    if cfg.checkpoint.save:
+        saver = CheckpointSaver(Checkpointer(cfg.checkpoint.save, cfg.checkpoint))
+        callbacks.append(saver)
+    lg = cfg.logging
+    callbacks.append(ThroughputCallback(cfg))
+    callbacks.append(MetricsLogger(lg.dir, lg.log_interval))
+    if lg.wandb_project and lg.wandb_mode != "disabled":
+        callbacks.append(WandbCallback(cfg))
+    if lg.tensorboard:
+        callbacks.append(TensorBoardCallback(cfg))
+    callbacks.append(PreemptionHandler(saver, cfg.launch.max_requeues))
+    return callbacks
+
+
 def run(cfg: Config) -> None:
     """Train with this process's share of the world described by the environment."""
     from megatron_forge import distributed
     from megatron_forge.data.datasets import check_data_paths
-    from megatron_forge.training.callbacks import build_callbacks, is_logging_rank
     from megatron_forge.training.trainer import Trainer
+    from megatron_forge.utils import is_rank0
 
     env = distributed.read_environment()
     validate_for_world(cfg, env.world_size)  # before any process group or allocation
     check_data_paths(cfg)
     distributed.initialize(cfg, env)
-    if is_logging_rank():
+    if is_rank0():
         Path(cfg.logging.dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.logging.dir) / "config.yaml").write_text(cfg.to_yaml())
     try:
@@ -57,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"world={world} {cfg.describe_layout(world)}")
             return 0
         run(cfg)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
+    except ForgeError as err:
+        print(f"{err.kind}: {err}", file=sys.stderr)
         return 2
     return 0
 

@@ -33,38 +33,17 @@
 ##SBATCH --container-image=nvcr.io/nvidia/pytorch:25.01-py3
 set -euo pipefail
 
-if [[ -z "${SLURM_JOB_ID:-}" ]]; then
-    echo "pretrain_7b.sh: not running under Slurm; submit it: sbatch slurm/pretrain_7b.sh" >&2
+# The steps all GPU scripts share live in slurm/common.sh: refuse to run outside Slurm,
+# work from the repo root, NCCL/CUDA settings, rendezvous. sbatch runs a copy of this file
+# from its spool directory, so common.sh is found where sbatch was called.
+FORGE_SLURM_COMMON="${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}/slurm/common.sh"
+if [[ ! -f "$FORGE_SLURM_COMMON" ]]; then
+    echo "pretrain_7b.sh: no $FORGE_SLURM_COMMON; sbatch from the megatron-forge repo root" >&2
     exit 2
 fi
-# Slurm runs a copy of this script from its spool dir: work from where sbatch was called.
-cd "${SLURM_SUBMIT_DIR:?}"
-if [[ ! -d megatron_forge ]]; then
-    echo "pretrain_7b.sh: $PWD is not a megatron-forge checkout; sbatch from the repo root" >&2
-    exit 2
-fi
-PYTHON="${FORGE_PYTHON:-python}"  # e.g. FORGE_PYTHON=$PWD/.venv/bin/python
-
-# --- NCCL / CUDA ----------------------------------------------------------------------
-# Fail a collective that a dead rank would hang forever, instead of hanging.
-export TORCH_NCCL_ASYNC_ERROR_HANDLING=1
-# Megatron overlaps TP/SP communication with compute only if kernels queue in order.
-export CUDA_DEVICE_MAX_CONNECTIONS=1
-# NCCL picks InfiniBand/RoCE and NVLink itself. Set these when it picks wrong:
-#   NCCL_SOCKET_IFNAME=ib0,eth0 (bootstrap interface; set on clusters with several NICs)
-#   NCCL_IB_HCA=mlx5            (which HCAs to use), NCCL_IB_DISABLE=1 (no InfiniBand)
-#   NCCL_DEBUG=INFO             (print the topology and transports once, to check them)
-export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"
-# CPU threads per rank for data loading and host work: the cores Slurm gave the task.
-export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-8}"
-
-# Rendezvous: the first node of the job, a port derived from the job id (megatron_forge
-# computes the same when these are unset; set here so the log shows them).
-MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
-MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))
-export MASTER_ADDR MASTER_PORT
-echo "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $SLURM_NNODES nodes," \
-    "$SLURM_NTASKS tasks, master $MASTER_ADDR:$MASTER_PORT"
+source "$FORGE_SLURM_COMMON"
+forge_enter_job pretrain_7b.sh
+forge_gpu_env # sets PYTHON: FORGE_PYTHON, else python
 
 # One process per GPU; extra arguments are config overrides.
 srun "$PYTHON" -m megatron_forge.train --config configs/llama_7b.yaml "$@"

@@ -29,16 +29,15 @@
 ##SBATCH --container-image=nvcr.io/nvidia/pytorch:25.01-py3
 set -euo pipefail
 
-if [[ -z "${SLURM_JOB_ID:-}" ]]; then
-    echo "pretrain_tiny.sh: not running under Slurm; submit it: sbatch slurm/pretrain_tiny.sh" >&2
+# Refusing to run outside Slurm and working from the repo root: slurm/common.sh, shared
+# with the GPU scripts (found where sbatch was called: sbatch runs a spool copy of this file).
+FORGE_SLURM_COMMON="${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}/slurm/common.sh"
+if [[ ! -f "$FORGE_SLURM_COMMON" ]]; then
+    echo "pretrain_tiny.sh: no $FORGE_SLURM_COMMON; sbatch from the megatron-forge repo root" >&2
     exit 2
 fi
-# Slurm runs a copy of this script from its spool dir: work from where sbatch was called.
-cd "${SLURM_SUBMIT_DIR:?}"
-if [[ ! -d megatron_forge ]]; then
-    echo "pretrain_tiny.sh: $PWD is not a megatron-forge checkout; sbatch from the repo root" >&2
-    exit 2
-fi
+source "$FORGE_SLURM_COMMON"
+forge_enter_job pretrain_tiny.sh
 
 # The repo's virtual environment when there is one; FORGE_PYTHON overrides.
 if [[ -n "${FORGE_PYTHON:-}" ]]; then

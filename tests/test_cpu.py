@@ -8,10 +8,14 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import tomllib
+from pathlib import Path
 
 import pytest
 
 from megatron_forge import cpu
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _run(code: str) -> str:
@@ -94,13 +98,41 @@ def test_refuses_unsupported_megatron_version(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.delenv("FORGE_CPU_EMULATION_ANY_VERSION", raising=False)
     with pytest.raises(
         RuntimeError,
-        match=r"emulates megatron-core 0.16.x on CPU, but "
-        r"megatron-core 0.17.0 is installed",
+        match=r"emulates megatron-core >=0.16.1,<0.17 on CPU, but "
+        r"megatron-core 0.17.0 is installed\. Install 'megatron-core>=0.16.1,<0.17'",
     ):
         cpu.check_mcore_version()
+    for version in ("0.16.0", "0.15.3"):
+        monkeypatch.setattr(megatron.core, "__version__", version)
+        with pytest.raises(RuntimeError, match=f"megatron-core {version} is installed"):
+            cpu.check_mcore_version()
+    for version in ("0.16.1", "0.16.5", "0.16.2rc0"):
+        monkeypatch.setattr(megatron.core, "__version__", version)
+        assert cpu.check_mcore_version() == version
+    monkeypatch.setattr(megatron.core, "__version__", "0.17.0")
     monkeypatch.setenv("FORGE_CPU_EMULATION_ANY_VERSION", "1")
     assert cpu.check_mcore_version() == "0.17.0"
 
 
 def test_supported_version_is_the_installed_one() -> None:
-    assert cpu.check_mcore_version().startswith(cpu.SUPPORTED_MCORE_PREFIX)
+    cpu.check_mcore_version()
+
+
+def test_pyproject_pins_the_supported_versions() -> None:
+    """pyproject.toml installs exactly the megatron-core versions the emulation supports."""
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    pins = [d for d in pyproject["project"]["dependencies"] if d.startswith("megatron-core")]
+    assert pins == [f"megatron-core{cpu.SUPPORTED_MCORE}"]
+
+
+def test_install_refuses_a_process_with_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """install() is for machines without CUDA: with a GPU visible it raises before patching
+    anything (distributed.initialize calls it only without CUDA)."""
+    import torch
+
+    monkeypatch.setattr(cpu, "_installed", False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    before = torch.cuda.current_device
+    with pytest.raises(RuntimeError, match="process that sees CUDA.*CUDA_VISIBLE_DEVICES="):
+        cpu.install()
+    assert not cpu.is_installed() and torch.cuda.current_device is before

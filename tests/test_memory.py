@@ -119,6 +119,8 @@ def test_cli_prints_the_estimate(capsys: pytest.CaptureFixture[str]) -> None:
     assert "world size 512" in capsys.readouterr().out
     assert main([str(REPO / "configs/llama_70b.yaml"), "--world-size", "100"]) == 2
     assert "not divisible" in capsys.readouterr().err
+    assert main([str(REPO / "configs/llama_70b.yaml"), "model.family=gpt"]) == 2
+    assert "model.family='gpt' is not a registered family" in capsys.readouterr().err
 
 
 def test_recompute_reduces_activations() -> None:

@@ -28,16 +28,10 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
-
-from megatron_forge.data.corpus import (  # noqa: E402
-    BadRecordError,
-    InputError,
-    iter_texts,
-    resolve_inputs,
-)
+from megatron_forge.data.corpus import iter_texts, resolve_inputs
+from megatron_forge.errors import DataError
 
 EOS, PAD = "<|endoftext|>", "<|pad|>"
 
@@ -134,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.monotonic()
     try:
         out = train(args)
-    except (BadRecordError, InputError, FileExistsError, FileNotFoundError) as e:
+    except (DataError, FileExistsError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     vocab = Tokenizer.from_file(str(out / "tokenizer.json")).get_vocab_size()

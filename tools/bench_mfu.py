@@ -23,17 +23,16 @@ import gc
 import statistics
 import sys
 import warnings
-from pathlib import Path
 
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 import torch  # noqa: E402
 
 from megatron_forge import distributed  # noqa: E402
-from megatron_forge.config import Config, ConfigError, load_config  # noqa: E402
-from megatron_forge.models import transformer_engine_available  # noqa: E402
+from megatron_forge.config import Config, ConfigError, load_config, validate_for_world  # noqa: E402
+from megatron_forge.errors import ForgeError  # noqa: E402
 from megatron_forge.monitoring.flops import resolve_peak, run_flops_per_token  # noqa: E402
+from megatron_forge.utils import transformer_engine_available  # noqa: E402
 
 PRECISION_OVERRIDES = {
     "bf16": ["precision.params_dtype=bf16", "precision.fp8=null"],
@@ -132,13 +131,12 @@ def main(argv: list[str] | None = None) -> int:
         for cfg in configs.values():
             if cfg.model.vocab_size is None:
                 raise ConfigError("bench_mfu needs model.vocab_size (synthetic data)")
-            cfg.validate(
-                env.world_size,
-                cuda_available=torch.cuda.is_available(),
-                te_available=transformer_engine_available(),
-            )
-    except (ConfigError, KeyError) as err:
-        print(f"config error: {err}", file=sys.stderr)
+            validate_for_world(cfg, env.world_size)
+    except ForgeError as err:
+        print(f"{err.kind}: {err}", file=sys.stderr)
+        return 2
+    except KeyError as err:  # a --precisions name with no overrides
+        print(f"config error: --precisions: unknown precision {err}", file=sys.stderr)
         return 2
     first = next(iter(configs.values()))
     distributed.initialize(first, env)

@@ -51,7 +51,6 @@ import math
 import os
 import resource
 import shutil
-import struct
 import subprocess
 import sys
 import tempfile
@@ -62,16 +61,16 @@ from pathlib import Path
 
 import numpy as np
 
-warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run from a checkout
-
-from megatron_forge.data.indexed import (  # noqa: E402
-    DTYPE_CODES,
+from megatron_forge.data.indexed import (
     HEADER_BYTES,
     IndexedDatasetWriter,
+    append_eod_tokens,
     optimal_dtype,
+    read_index_header,
 )
+
+warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+REPO = Path(__file__).resolve().parents[1]  # the sample corpus and tokenizer scripts
 
 MB = 1_000_000
 DEFAULT_METHODS = ["megatron", "ours", "gigatoken"]
@@ -147,12 +146,10 @@ def load_gigatoken(tokenizer_path: str):  # noqa: ANN201 - gigatoken.Tokenizer
 def write_flat(args: argparse.Namespace, flat: np.ndarray, lengths: np.ndarray) -> None:
     """Write documents given back to back, appending EOD to each non-empty one."""
     dtype = np.dtype(args.dtype)
-    flat = flat.astype(dtype, copy=False)
     lengths = np.asarray(lengths, dtype=np.int64)
-    nonempty = lengths > 0
-    flat = np.insert(flat, np.cumsum(lengths)[nonempty], args.eod)
+    flat, lengths = append_eod_tokens(flat.astype(dtype, copy=False), lengths, args.eod, True)
     writer = IndexedDatasetWriter(args.output + ".bin", dtype)
-    writer.add_documents(flat, lengths + nonempty)
+    writer.add_documents(flat, lengths)
     writer.finalize(args.output + ".idx")
 
 
@@ -189,10 +186,7 @@ def run_hf_batch(args: argparse.Namespace) -> None:
         ids = [e.ids for e in hf.encode_batch_fast(texts, add_special_tokens=False)]
         lengths = np.fromiter(map(len, ids), np.int64, len(ids))
         flat = np.fromiter((i for doc in ids for i in doc), dtype, int(lengths.sum()))
-        nonempty = lengths > 0
-        writer.add_documents(
-            np.insert(flat, np.cumsum(lengths)[nonempty], args.eod), lengths + nonempty
-        )
+        writer.add_documents(*append_eod_tokens(flat, lengths, args.eod, skip_empty=True))
 
     texts: list[str] = []
     with open(args.input, encoding="utf-8") as fin:
@@ -326,10 +320,8 @@ def output_path(prefix: Path, json_key: str) -> Path:
 
 def read_index(prefix: str) -> tuple[np.ndarray, np.ndarray]:
     """(tokens of the .bin, per-document lengths) of a one-sequence-per-document dataset."""
-    with open(prefix + ".idx", "rb") as f:
-        header = f.read(HEADER_BYTES)
-    dtype = DTYPE_CODES[header[17]]
-    num_seq = struct.unpack("<Q", header[18:26])[0]
+    header = read_index_header(prefix + ".idx")
+    dtype, num_seq = header.dtype, header.num_sequences
     lengths = np.memmap(prefix + ".idx", np.int32, "r", HEADER_BYTES, (num_seq,))
     tokens = np.memmap(prefix + ".bin", dtype, "r") if os.path.getsize(prefix + ".bin") else []
     return np.asarray(tokens), np.asarray(lengths, dtype=np.int64)

@@ -1,4 +1,4 @@
-"""Checkpoint conversion (the forge-convert console script, runnable from a checkout):
+"""Checkpoint conversion: the forge-convert console script, as a script.
 
     python tools/convert_checkpoint.py to-hf runs/tiny/checkpoints exports/tiny-hf
     python tools/convert_checkpoint.py from-hf /models/Llama-3.2-1B runs/llama1b/init --tp 2
@@ -11,11 +11,8 @@ See megatron_forge/convert/cli.py (or --help) for every option.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
-
-from megatron_forge.convert.cli import main  # noqa: E402
+from megatron_forge.convert.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

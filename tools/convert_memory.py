@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run from a checkout
 IMPORTS = (
     "import megatron_forge.convert.cli, megatron_forge.convert.hf, "
     "megatron_forge.convert.from_hf, megatron_forge.convert.writer, transformers"

@@ -21,26 +21,28 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+import torch
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+with warnings.catch_warnings():  # megatron-core's import-time note: no TE or apex here
+    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+    from megatron_forge.checkpointing import (
+        TRACKER,
+        iteration_dir,
+        latest_iteration,
+        saved_iterations,
+    )
+
+# torch.distributed.checkpoint's note on every load without a process group: the intent here.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
-
-import torch  # noqa: E402
-from torch.distributed.checkpoint import FileSystemReader  # noqa: E402
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata  # noqa: E402
-
-from megatron_forge.checkpointing import (  # noqa: E402
-    TRACKER,
-    iteration_dir,
-    latest_iteration,
-    saved_iterations,
-)
 
 
-def resolve(path: Path, iteration: int | None) -> tuple[Path, Path | None]:
-    """(iteration directory, save root or None) for a root or an iter_ directory."""
+def resolve(path: Path, iteration: int | None) -> tuple[Path, Path | None, int | None]:
+    """(iteration directory, save root, iteration) for a save root; (path, None, None) for
+    one iter_ directory."""
     if path.name.startswith("iter_") and path.is_dir():
-        return path, None
+        return path, None, None
     if iteration is None:
         iteration = latest_iteration(path)
         if iteration is None:
@@ -51,7 +53,7 @@ def resolve(path: Path, iteration: int | None) -> tuple[Path, Path | None]:
     target = iteration_dir(path, iteration)
     if not target.is_dir():
         raise SystemExit(f"{target} does not exist (iterations: {saved_iterations(path)})")
-    return target, path
+    return target, path, iteration
 
 
 def list_iterations(root: Path) -> None:
@@ -99,8 +101,8 @@ def summarize(directory: Path, show_tensors: bool) -> None:
             print(f"    {key:70s} {str(tuple(meta.size)):24s} {meta.properties.dtype}")
 
 
-def verify(directory: Path, root: Path | None) -> list[str]:
-    """Problems found (empty when complete and readable)."""
+def verify(directory: Path, root: Path | None, iteration: int | None) -> list[str]:
+    """Problems found (empty when complete and readable); `iteration` of `root` when given."""
     problems = []
     if not (directory / "metadata.json").is_file():
         problems.append(f"{directory}/metadata.json missing: the save did not finish")
@@ -108,8 +110,7 @@ def verify(directory: Path, root: Path | None) -> list[str]:
         return problems + [f"{directory}/.metadata missing: no tensors were written"]
     if root is not None:
         latest = latest_iteration(root)
-        it = int(directory.name[len("iter_") :])
-        if latest is None or it > latest:
+        if latest is None or iteration > latest:
             problems.append(f"{directory} is newer than {root / TRACKER}: not a finished save")
     reader = FileSystemReader(str(directory))
     metadata = reader.read_metadata()
@@ -152,13 +153,13 @@ def main(argv: list[str] | None = None) -> int:
     if not args.path.exists():
         print(f"{args.path} does not exist", file=sys.stderr)
         return 1
-    directory, root = resolve(args.path, args.iteration)
+    directory, root, iteration = resolve(args.path, args.iteration)
     if root is not None:
         list_iterations(root)
     summarize(directory, args.tensors)
     if not args.verify:
         return 0
-    problems = verify(directory, root)
+    problems = verify(directory, root, iteration)
     for problem in problems:
         print(f"PROBLEM: {problem}")
     print(

@@ -35,18 +35,19 @@
 #   FORGE_SLURM_TIMEOUT         seconds to wait for the nodes to become idle (default 60)
 set -euo pipefail
 
-HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-# The one-node script's helpers: install_packages, start_munged, live_pid, stop_daemon,
-# foreign_pid, fail_with_logs, real_memory_mb, state_is_usable, require_root, die.
-# shellcheck source-path=SCRIPTDIR source=local_slurm.sh
-source "$HERE/local_slurm.sh"
+# Processes, install, munged, node memory and state, errors, job cancelling: shared with
+# tools/local_slurm.sh.
+# shellcheck source-path=SCRIPTDIR source=local_slurm_lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/local_slurm_lib.sh"
 
+LOG_TAG=local_slurm_multinode
 SCRATCH="${FORGE_SLURM_MULTINODE_DIR:-/tmp/forge-slurm-multinode}"
 CONF="$SCRATCH/slurm.conf"
 export SLURM_CONF="$CONF"
 NUM_NODES="${FORGE_SLURM_NODES:-2}"
 SUBNET="${FORGE_SLURM_SUBNET:-10.77.0}"
 CTLD_PORT="${FORGE_SLURM_MULTINODE_CTLD_PORT:-6827}"
+TIMEOUT="${FORGE_SLURM_TIMEOUT:-60}"
 SLURMD_PORT=6818 # one per network namespace, so every node can use the default
 BRIDGE=forgebr0
 NODE_PREFIX=forge-n
@@ -58,12 +59,6 @@ EXIT_NO_NETNS=3
 # munged is shared with the one-node cluster: its pid file lives in that cluster's scratch
 # dir, so whichever of the two clusters stops last stops it.
 MUNGE_SCRATCH="${FORGE_SLURM_DIR:-/tmp/forge-slurm}"
-
-log() { echo "[local_slurm_multinode] $*"; }
-die() {
-    echo "[local_slurm_multinode] ERROR: $*" >&2
-    exit 1
-}
 
 node_name() { echo "$NODE_PREFIX$1"; }     # node i -> forge-n<i>; its netns has the same name
 node_addr() { echo "$SUBNET.$(($1 + 1))"; } # .1 is the bridge (the controller's side)
@@ -364,21 +359,6 @@ cmd_start() {
 
 # ---------------------------------------------------------------------- stop
 
-cancel_all_jobs() {
-    live_pid "$SCRATCH/slurmctld.pid" slurmctld >/dev/null || return 0
-    local jobs
-    jobs="$(timeout 10 squeue -h -o %i 2>/dev/null || true)"
-    [[ -n "$jobs" ]] || return 0
-    log "cancelling jobs: $(echo "$jobs" | tr '\n' ' ')"
-    # shellcheck disable=SC2086  # one job id per word
-    scancel $jobs || true
-    for _ in $(seq 1 20); do
-        [[ -z "$(timeout 10 squeue -h -o %i 2>/dev/null || true)" ]] && return 0
-        sleep 0.5
-    done
-    log "some jobs are still listed; stopping anyway"
-}
-
 # Processes still inside a node's namespace once its slurmd is gone were started by
 # that slurmd (job tasks that ignored the kill): end them by pid.
 kill_namespace_leftovers() {
@@ -409,13 +389,8 @@ stop_cluster() {
         stop_daemon slurmctld "$SCRATCH/slurmctld.pid"
     fi
     # munged stays while another cluster (the one-node one) uses it; a start keeps it too.
-    other="$(foreign_pid slurmctld "$SCRATCH/slurmctld.pid")"
     if [[ "${1:-}" != quiet ]]; then
-        if [[ -n "$other" ]] && live_pid "$MUNGE_SCRATCH/munged.pid" munged >/dev/null; then
-            log "leaving munged running: slurmctld $other (another cluster) uses it"
-        else
-            stop_daemon munged "$MUNGE_SCRATCH/munged.pid"
-        fi
+        stop_munged_unless_shared "$MUNGE_SCRATCH/munged.pid"
     fi
     teardown_network "$n"
     remove_hosts_block

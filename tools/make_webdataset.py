@@ -42,17 +42,11 @@ from pathlib import Path
 
 import numpy as np
 
-warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+from megatron_forge.data.corpus import BadRecordError, chunk_records, iter_chunks, resolve_inputs
+from megatron_forge.data.webdataset import MANIFEST_FORMAT, TOKENS_FIELD
+from megatron_forge.errors import DataError
 
-from megatron_forge.data.corpus import (  # noqa: E402
-    BadRecordError,
-    InputError,
-    chunk_records,
-    iter_chunks,
-    resolve_inputs,
-)
-from megatron_forge.data.webdataset import MANIFEST_FORMAT, TOKENS_FIELD  # noqa: E402
+warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 
 LOG_EVERY_S = 5.0
 
@@ -74,10 +68,10 @@ def iter_text_documents(args: argparse.Namespace, tokenizer) -> Iterator[np.ndar
         if bad:
             raise BadRecordError(bad[0])
         docs = [t for t in texts[args.json_key] if t.strip()]
-        for ids in tokenizer.tokenize_batch(docs) if docs else []:
-            if args.append_eod:
-                ids.append(tokenizer.eod)
-            yield np.asarray(ids)
+        if not docs:
+            continue
+        flat, lengths = tokenizer.tokenize_documents(docs, args.append_eod)
+        yield from np.split(flat, np.cumsum(lengths)[:-1])
 
 
 def pack(documents: Iterator[np.ndarray], seq_length: int, stats: Stats) -> Iterator[np.ndarray]:
@@ -221,12 +215,9 @@ def run(args: argparse.Namespace) -> Stats:
         raise FileExistsError(f"{existing[0]} exists; pass --overwrite to replace the shards")
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     if args.indexed:
-        from megatron_forge.data.indexed import IndexedDatasetError, check_indexed_dataset
+        from megatron_forge.data.indexed import check_indexed_dataset
 
-        try:
-            dtype = check_indexed_dataset(args.indexed).dtype
-        except IndexedDatasetError as e:
-            raise ValueError(str(e)) from None
+        dtype = check_indexed_dataset(args.indexed).dtype
         meta = {"source": args.indexed, "dtype": np.dtype(dtype).name, "vocab_size": None}
         documents = iter_indexed_documents(args.indexed, args.shuffle_seed)
     else:
@@ -280,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         stats = run(args)
-    except (BadRecordError, InputError, FileExistsError, FileNotFoundError, ValueError) as e:
+    except (DataError, FileExistsError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(

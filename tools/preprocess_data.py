@@ -52,30 +52,24 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-# megatron-core, if something imports it, warns that TE/apex are missing: irrelevant here.
-warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
-
 # Nothing below imports megatron.core or torch (7 s and 400 MB per process): the tokenizer
 # loader and the writer take only what they need of megatron-core.
-from megatron_forge.data.corpus import (  # noqa: E402
+from megatron_forge.data.corpus import (
     MAX_CHUNK_BYTES,
     BadRecordError,
     Chunk,
-    InputError,
     Texts,
     chunk_records,
     drop_blank,
     iter_chunks,
     resolve_inputs,
 )
-from megatron_forge.data.indexed import IndexedDatasetWriter, optimal_dtype  # noqa: E402
-from megatron_forge.data.tokenizer import (  # noqa: E402
-    MissingSpecialTokenError,
-    Tokenizer,
-    TokenizerLoadError,
-    load_tokenizer,
-)
+from megatron_forge.data.indexed import IndexedDatasetWriter, optimal_dtype
+from megatron_forge.data.tokenizer import MissingSpecialTokenError, Tokenizer, load_tokenizer
+from megatron_forge.errors import DataError
+
+# megatron-core, if something imports it, warns that TE/apex are missing: irrelevant here.
+warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 
 MAX_BAD_RECORDS_SHOWN = 10
 NATIVE_CHUNK_LINES = 1024
@@ -136,11 +130,7 @@ class Encoder:
         """All documents' ids back to back (each followed by EOD if asked) and their lengths."""
         if not len(texts):
             return np.zeros(0, self.dtype), np.zeros(0, np.int32)
-        flat, lengths = self.tokenizer.tokenize_flat(texts)
-        flat = flat.astype(self.dtype, copy=False)
-        if self.append_eod:
-            flat = np.insert(flat, np.cumsum(lengths), self.tokenizer.eod)
-            lengths += 1
+        flat, lengths = self.tokenizer.tokenize_documents(texts, self.append_eod, self.dtype)
         return flat, lengths.astype(np.int32)
 
 
@@ -299,12 +289,13 @@ def load_checked_tokenizer(path: str, append_eod: bool, backend: str = "native")
         try:
             tokenizer.eod  # noqa: B018  (fail here, not in a worker, if there is no EOS)
         except MissingSpecialTokenError as e:
-            raise ValueError(f"--append-eod: {e}") from None
+            raise DataError(f"--append-eod: {e}") from None
     return tokenizer
 
 
 def preprocess(args: argparse.Namespace) -> Stats:
-    """Run the whole job; raise BadRecordError/InputError/FileExistsError/... on misuse."""
+    """Run the whole job; raise DataError (bad records, inputs, tokenizer), FileExistsError,
+    ... on misuse."""
     files = resolve_inputs(args.input)
     existing = existing_outputs(args.output_prefix, args.json_keys)
     if existing and not args.overwrite:
@@ -356,7 +347,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--tokenizer",
         required=True,
         help="SentencePiece .model, tokenizer.json, a directory with either, or a name in "
-        "tokenizers/",
+        "$FORGE_TOKENIZERS (default ./tokenizers/)",
     )
     parser.add_argument("--append-eod", action="store_true", help="end every document with EOD")
     parser.add_argument(
@@ -392,14 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         stats = preprocess(args)
-    except (
-        BadRecordError,
-        InputError,
-        FileExistsError,
-        FileNotFoundError,
-        TokenizerLoadError,
-        ValueError,
-    ) as e:
+    except (DataError, FileExistsError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(stats.summary(args.output_prefix))

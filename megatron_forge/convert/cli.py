@@ -15,18 +15,14 @@ import argparse
 import sys
 import warnings
 
-# megatron-core warns at import that TE/apex are missing; irrelevant to conversion.
-warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
-
-from megatron_forge.config import ConfigError  # noqa: E402
-from megatron_forge.convert.files import DTYPE_NAMES, ConvertError, parse_size  # noqa: E402
-from megatron_forge.data.tokenizer import TokenizerLoadError  # noqa: E402
+from megatron_forge.convert.files import parse_size
+from megatron_forge.data.tokenizer import TokenizerLoadError
+from megatron_forge.errors import ForgeError
+from megatron_forge.utils import DTYPES
 
 
 def _common(parser: argparse.ArgumentParser, source: str) -> None:
-    parser.add_argument(
-        "--dtype", choices=sorted(DTYPE_NAMES), help=f"default: the dtype of {source}"
-    )
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help=f"default: the dtype of {source}")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output")
 
 
@@ -128,10 +124,13 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    # megatron-core warns when it is imported (by the conversions, lazily) that Transformer
+    # Engine and apex are missing; conversion uses neither.
+    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
     try:
         return run(args)
-    except (ConvertError, ConfigError, TokenizerLoadError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (ForgeError, TokenizerLoadError) as err:
+        print(f"{getattr(err, 'kind', 'error')}: {err}", file=sys.stderr)
         return 2
 
 

@@ -24,9 +24,8 @@ from typing import Any, BinaryIO, Optional
 
 import torch
 
-from megatron_forge.errors import ConvertError  # noqa: F401  (re-exported: convert.files.ConvertError)
+from megatron_forge.errors import ConvertError
 
-DTYPE_NAMES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SAFETENSORS_DTYPES = {
     torch.float32: "F32",
     torch.float16: "F16",

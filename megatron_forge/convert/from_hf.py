@@ -8,7 +8,6 @@ from __future__ import annotations
 import copy
 import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any, Optional
 
 import torch
@@ -17,23 +16,23 @@ from tqdm import tqdm
 from megatron_forge.checkpointing import TRACKER, iteration_dir
 from megatron_forge.config import Config, ConfigError, ParallelConfig, from_dict
 from megatron_forge.convert.files import (
-    DTYPE_NAMES,
-    ConvertError,
     SafetensorsReader,
     check_output_dir,
     read_json,
     release_freed_memory,
     staged_output,
 )
-from megatron_forge.convert.mapping import (
-    Rule,
-    family_for_architecture,
-    family_mapping,
-    stacked_shapes,
-)
 from megatron_forge.convert.reader import KEY_ALIASES
 from megatron_forge.convert.writer import Chunk, megatron_layout, write_torch_dist
-from megatron_forge.models.build import padded_vocab_size
+from megatron_forge.errors import ConvertError
+from megatron_forge.models import (
+    ModelFamily,
+    check_model_config,
+    family_for_architecture,
+    padded_vocab_size,
+)
+from megatron_forge.models.mapping import Rule, stacked_shapes
+from megatron_forge.utils import DTYPES
 
 # HF tensors that carry no weights of the model.
 IGNORABLE_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -42,19 +41,19 @@ CANONICAL_KEY = {alias: key for key, aliases in KEY_ALIASES.items() for alias in
 
 def config_from_hf(
     hf_dir: Path, hf: dict[str, Any], tp: int, pp: int, ep: int, dtype: torch.dtype
-) -> tuple[Config, ModuleType]:
+) -> tuple[Config, ModelFamily]:
     """Our Config for the HF model (model section from config.json), validated for the
     TP/PP/EP layout the user plans to train with."""
     architectures = hf.get("architectures") or []
     if len(architectures) != 1:
         raise ConvertError(f"{hf_dir}/config.json must name one architecture, has {architectures}")
-    mapping = family_mapping(family_for_architecture(architectures[0]))
+    family = family_for_architecture(architectures[0])
     has_tokenizer = any((hf_dir / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))
-    dtype_name = next(name for name, d in DTYPE_NAMES.items() if d == dtype)
+    dtype_name = next(name for name, d in DTYPES.items() if d == dtype)
     try:
         cfg = from_dict(
             {
-                "model": mapping.model_fields(hf),
+                "model": family.model_fields(hf),
                 "parallel": {"tensor": tp, "pipeline": pp, "expert": ep},
                 "data": {"tokenizer": str(hf_dir) if has_tokenizer else None},
                 "precision": {"params_dtype": dtype_name},
@@ -64,9 +63,10 @@ def config_from_hf(
         # The layout's arithmetic only (world = TP x PP x EP, one data-parallel group per
         # expert group); hardware checks belong to the training run.
         cfg.validate(tp * pp * ep, cuda_available=True, te_available=True)
+        check_model_config(cfg.model)
     except ConfigError as err:
         raise ConvertError(f"{hf_dir}: {err}") from None
-    return cfg, mapping
+    return cfg, family
 
 
 def check_hf_tensors(reader: SafetensorsReader, rules: list[Rule], cfg: Config) -> None:
@@ -135,11 +135,11 @@ def import_hf(
         if ("model.embed_tokens.weight" in reader)
         else torch.float32
     )
-    out_dtype = DTYPE_NAMES[dtype] if dtype else source_dtype
-    cfg, mapping = config_from_hf(hf_dir, hf, tp, pp, ep, out_dtype)
+    out_dtype = DTYPES[dtype] if dtype else source_dtype
+    cfg, family = config_from_hf(hf_dir, hf, tp, pp, ep, out_dtype)
     model = cfg.model
     padded = padded_vocab_size(model.vocab_size, model.make_vocab_size_divisible_by, tp)
-    rules = mapping.rules(model, model.vocab_size, padded)
+    rules = family.weight_rules(model, model.vocab_size, padded)
     check_hf_tensors(reader, rules, cfg)
 
     # The layout model: one rank, the vocabulary padded as the TP=tp run will pad it.

@@ -15,9 +15,7 @@ from tqdm import tqdm
 
 from megatron_forge.config import ModelConfig
 from megatron_forge.convert.files import (
-    DTYPE_NAMES,
     HF_DTYPE_NAMES,
-    ConvertError,
     ShardedSafetensorsWriter,
     TensorSpec,
     check_output_dir,
@@ -25,9 +23,12 @@ from megatron_forge.convert.files import (
     staged_output,
     write_json,
 )
-from megatron_forge.convert.mapping import Rule, family_mapping, stacked_shapes
 from megatron_forge.convert.reader import MegatronCheckpoint
 from megatron_forge.data.tokenizer import Tokenizer, TokenizerLoadError, load_tokenizer
+from megatron_forge.errors import ConvertError
+from megatron_forge.models import get_family
+from megatron_forge.models.mapping import Rule, stacked_shapes
+from megatron_forge.utils import DTYPES
 
 EMBEDDING = "embedding.word_embeddings.weight"
 DEFAULT_MAX_SHARD = "5GB"
@@ -70,7 +71,7 @@ def checked_rules(ckpt: MegatronCheckpoint, vocab_size: int) -> list[Rule]:
             f"{ckpt.path}: {EMBEDDING} has {padded} rows, fewer than the vocabulary "
             f"({vocab_size}); the checkpoint does not match its tokenizer/config"
         )
-    rules = family_mapping(model.family).rules(model, vocab_size, padded)
+    rules = get_family(model.family).weight_rules(model, vocab_size, padded)
     problems = []
     for key, shape in stacked_shapes(rules, model).items():
         if not ckpt.has(key):
@@ -101,7 +102,7 @@ def _describe(model: ModelConfig) -> str:
 def hf_config_json(
     model: ModelConfig, vocab_size: int, tok: Tokenizer, dtype: torch.dtype
 ) -> dict[str, Any]:
-    config = family_mapping(model.family).hf_config(model, vocab_size)
+    config = get_family(model.family).hf_config(model, vocab_size)
     config.update(token_ids(tok))
     config.update(torch_dtype=HF_DTYPE_NAMES[dtype], dtype=HF_DTYPE_NAMES[dtype])
     return config
@@ -141,7 +142,7 @@ def export_hf(
     tok = open_tokenizer(ckpt, tokenizer)
     vocab_size = export_vocab_size(model, tok)
     rules = checked_rules(ckpt, vocab_size)
-    out_dtype = DTYPE_NAMES[dtype] if dtype else ckpt.dtype(EMBEDDING)
+    out_dtype = DTYPES[dtype] if dtype else ckpt.dtype(EMBEDDING)
     specs = [TensorSpec(n, s, out_dtype) for r in rules for n, s in r.hf.items()]
     with staged_output(out_dir, overwrite) as staging:
         writer = ShardedSafetensorsWriter(staging, specs, max_shard_size)

@@ -19,9 +19,15 @@ from typing import Any, Optional
 
 import torch
 
-from megatron_forge.checkpointing import TRACKER, iteration_dir, latest_iteration
+from megatron_forge.checkpointing import (
+    TRACKER,
+    iteration_dir,
+    latest_iteration,
+    saved_iterations,
+)
 from megatron_forge.config import ConfigError, ModelConfig, from_dict
-from megatron_forge.convert.files import ConvertError
+from megatron_forge.errors import ConvertError
+from megatron_forge.models import check_model_config
 
 # The same parameter under megatron-core's local spec (first name) and Transformer
 # Engine's MoE spec, whose pre-MLP norm is a separate module.
@@ -92,6 +98,7 @@ class MegatronCheckpoint:
             # Only the model section matters here; other sections may come from another
             # version of megatron-forge.
             self.model: ModelConfig = from_dict({"model": self.raw_config["model"]}).model
+            check_model_config(self.model)
         except (ConfigError, KeyError) as err:
             raise ConvertError(f"{self.path}: stored model config is invalid: {err}") from None
 
@@ -113,9 +120,7 @@ class MegatronCheckpoint:
     def _resolve_iteration(self, iteration: Optional[int]) -> int:
         if not self.root.is_dir():
             raise ConvertError(f"checkpoint directory {self.root} does not exist")
-        available = sorted(
-            int(p.name[5:]) for p in self.root.glob("iter_*") if p.name[5:].isdigit()
-        )
+        available = saved_iterations(self.root)
         if iteration is None:
             iteration = latest_iteration(self.root)
             if iteration is None:

@@ -11,19 +11,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from megatron_forge.config import ConfigError, from_dict
+from megatron_forge.config import ConfigError, ModelConfig, from_dict
 from megatron_forge.convert.files import (
     HF_DTYPE_NAMES,
-    ConvertError,
     SafetensorsReader,
     read_json,
     read_safetensors_header,
 )
-from megatron_forge.convert.mapping import HF_MAPPINGS, family_for_architecture, family_mapping
+from megatron_forge.errors import ConvertError
+from megatron_forge.models import ModelFamily, check_model_config, families
 
-# Architectures of this repo's exports; vLLM and TensorRT-LLM's PyTorch backend serve all
-# three from a Hugging Face directory.
-SERVABLE = {"LlamaForCausalLM", "Qwen2ForCausalLM", "MixtralForCausalLM"}
 REQUIRED_HF_FIELDS = (
     "architectures",
     "model_type",
@@ -69,21 +66,28 @@ class Report:
         return passed
 
 
-def _model_from_hf(hf: dict[str, Any]) -> Any:
-    family = family_for_architecture(hf["architectures"][0])
+def servable_families() -> dict[str, ModelFamily]:
+    """Architecture -> family, for the families whose Hugging Face export vLLM or
+    TensorRT-LLM's PyTorch backend serves."""
+    return {f.hf_architecture: f for f in families() if f.serving.vllm or f.serving.trtllm}
+
+
+def _model_from_hf(family: ModelFamily, hf: dict[str, Any]) -> ModelConfig:
     try:
-        return from_dict({"model": family_mapping(family).model_fields(hf)}).model
+        model = from_dict({"model": family.model_fields(hf)}).model
+        check_model_config(model)
     except ConfigError as err:
         raise ConvertError(str(err)) from None
+    return model
 
 
-def check_hf_weights(out: Path, hf: dict[str, Any], report: Report) -> None:
+def check_hf_weights(out: Path, hf: dict[str, Any], family: ModelFamily, report: Report) -> None:
     try:
-        model = _model_from_hf(hf)
+        model = _model_from_hf(family, hf)
     except ConvertError as err:
         report.check(False, "config.json describes a supported model", str(err))
         return
-    rules = family_mapping(model.family).rules(model, hf["vocab_size"], hf["vocab_size"])
+    rules = family.weight_rules(model, hf["vocab_size"], hf["vocab_size"])
     expected = {name: shape for rule in rules for name, shape in rule.hf.items()}
     try:
         reader = SafetensorsReader(out)
@@ -136,7 +140,9 @@ def check_hf_dir(out: Path, report: Report) -> list[str]:
     missing = [f for f in REQUIRED_HF_FIELDS if f not in hf]
     report.check(not missing, "config.json fields", f"missing {missing}")
     arch = (hf.get("architectures") or ["?"])[0]
-    report.check(arch in SERVABLE, f"architecture {arch}", f"not one of {sorted(SERVABLE)}")
+    servable = servable_families()
+    family = servable.get(arch)
+    report.check(family is not None, f"architecture {arch}", f"not one of {sorted(servable)}")
     report.check(
         "rope_theta" in hf or "rope_theta" in (hf.get("rope_parameters") or {}),
         "RoPE base (rope_theta)",
@@ -148,15 +154,17 @@ def check_hf_dir(out: Path, report: Report) -> list[str]:
         "must be bfloat16, float16 or float32",
     )
     report.check((out / "generation_config.json").is_file(), "generation_config.json", "missing")
-    if arch in SERVABLE and not missing:
-        check_hf_weights(out, hf, report)
+    if family is not None and not missing:
+        check_hf_weights(out, hf, family, report)
     check_tokenizer(out, hf, report)
     heads, groups = hf.get("num_attention_heads", 1), hf.get("num_key_value_heads", 1)
     tp = max(t for t in (1, 2, 4, 8) if heads % t == 0 and groups % t == 0)
-    return [
-        f"vllm serve {out} --tensor-parallel-size {tp}",
-        f"trtllm-serve {out} --backend pytorch --tp_size {tp}",
-    ]
+    commands = []
+    if family is not None and family.serving.vllm:
+        commands.append(f"vllm serve {out} --tensor-parallel-size {tp}")
+    if family is not None and family.serving.trtllm:
+        commands.append(f"trtllm-serve {out} --backend pytorch --tp_size {tp}")
+    return commands
 
 
 def check_trtllm_dir(out: Path, config: dict[str, Any], report: Report) -> list[str]:
@@ -166,8 +174,12 @@ def check_trtllm_dir(out: Path, config: dict[str, Any], report: Report) -> list[
     tp, pp = mapping.get("tp_size", 1), mapping.get("pp_size", 1)
     world = mapping.get("world_size", tp * pp)
     report.check(world == tp * pp, f"mapping tp={tp} pp={pp}", f"world_size={world} != tp x pp")
-    known = {family_mapping(f).ARCHITECTURE for f in HF_MAPPINGS}
-    report.check(config.get("architecture") in known, f"architecture {config.get('architecture')}")
+    known = sorted(f.hf_architecture for f in families() if f.serving.trtllm_checkpoint)
+    report.check(
+        config.get("architecture") in known,
+        f"architecture {config.get('architecture')}",
+        f"not one of {known}",
+    )
     for rank in range(world):
         path = out / f"rank{rank}.safetensors"
         if not report.check(path.is_file(), f"rank{rank}.safetensors", "missing"):

@@ -30,9 +30,7 @@ from tqdm import tqdm
 
 from megatron_forge.config import ModelConfig
 from megatron_forge.convert.files import (
-    DTYPE_NAMES,
     HF_DTYPE_NAMES,
-    ConvertError,
     SafetensorsFileWriter,
     TensorSpec,
     check_output_dir,
@@ -41,8 +39,11 @@ from megatron_forge.convert.files import (
     write_json,
 )
 from megatron_forge.convert.hf import EMBEDDING, checked_rules, export_vocab_size, open_tokenizer
-from megatron_forge.convert.mapping import Rule, family_mapping, head_dim
 from megatron_forge.convert.reader import MegatronCheckpoint
+from megatron_forge.errors import ConvertError
+from megatron_forge.models import families, get_family
+from megatron_forge.models.mapping import Rule, head_dim
+from megatron_forge.utils import DTYPES
 
 LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
 EXPERT = re.compile(r"block_sparse_moe\.experts\.(\d+)\.w([123])\.weight")
@@ -161,7 +162,8 @@ def trtllm_config(
     model: ModelConfig, vocab_size: int, tp: int, pp: int, dtype: torch.dtype
 ) -> dict[str, Any]:
     """config.json as TensorRT-LLM's PretrainedConfig (and LLaMA/QWen configs) read it."""
-    hf = family_mapping(model.family).hf_config(model, vocab_size)
+    family = get_family(model.family)
+    hf = family.hf_config(model, vocab_size)
     moe = {"num_experts": 0, "top_k": 0, "normalization_mode": 0}
     if model.num_experts:
         # Mixtral's routing: softmax over the top-k logits = RENORMALIZE (1).
@@ -191,7 +193,7 @@ def trtllm_config(
         "embedding_sharding_dim": 0,
         "share_embedding_table": False,
         "tie_word_embeddings": not model.untie_embeddings,
-        "attn_bias": model.family == "qwen2",
+        "attn_bias": False,
         "mlp_bias": False,
         "moe": moe,
         "mapping": {
@@ -203,9 +205,17 @@ def trtllm_config(
         },
         "quantization": {"quant_algo": None, "kv_cache_quant_algo": None},
     }
-    if model.family == "qwen2":
-        config.update(qwen_type="qwen2", seq_length=model.seq_length)
+    config.update(family.trtllm_config(model))
     return config
+
+
+def check_trt_family(model: ModelConfig) -> None:
+    if not get_family(model.family).serving.trtllm_checkpoint:
+        supported = [f.name for f in families() if f.serving.trtllm_checkpoint]
+        raise ConvertError(
+            f"to-trtllm does not support model.family={model.family} (supported: {supported}); "
+            "export with to-hf and serve that directory with trtllm-serve --backend pytorch"
+        )
 
 
 def check_trt_layout(model: ModelConfig, tp: int, pp: int) -> None:
@@ -248,11 +258,12 @@ def export_trtllm(
     check_output_dir(Path(out_dir), overwrite)  # before any work
     ckpt = MegatronCheckpoint(ckpt_dir, iteration)
     model = ckpt.model
+    check_trt_family(model)
     check_trt_layout(model, tp, pp)
     tok = open_tokenizer(ckpt, tokenizer)
     vocab_size = export_vocab_size(model, tok)
     rules = checked_rules(ckpt, vocab_size)
-    out_dtype = DTYPE_NAMES[dtype] if dtype else ckpt.dtype(EMBEDDING)
+    out_dtype = DTYPES[dtype] if dtype else ckpt.dtype(EMBEDDING)
     layout = TrtLayout(model, vocab_size, tp, pp, out_dtype)
     specs = layout.specs(rules)
     with staged_output(out_dir, overwrite) as staging:

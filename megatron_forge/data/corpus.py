@@ -28,6 +28,8 @@ import pyarrow as pa  # imported here, not per chunk: forked workers start with 
 import pyarrow.compute as pc
 import pyarrow.json as pa_json
 
+from megatron_forge.errors import DataError
+
 JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst")
 PARQUET_SUFFIXES = (".parquet",)
 SUPPORTED = "jsonl (.jsonl, .jsonl.gz, .jsonl.zst) or parquet (.parquet)"
@@ -38,11 +40,11 @@ READ_BLOCK_BYTES = 1 << 20
 Texts = Any  # list[str], or a pyarrow string array (chunk_records(..., arrow=True))
 
 
-class BadRecordError(ValueError):
+class BadRecordError(DataError):
     """A record that cannot be used; the message starts with ``file:line:``."""
 
 
-class InputError(ValueError):
+class InputError(DataError):
     """An input file that cannot be read at all (format, schema); names the file."""
 
 

@@ -69,14 +69,15 @@ class MicroBatchSampler(Sampler[list[int]]):
 
 
 def load_run_tokenizer(cfg: Config) -> Any:
-    """The tokenizer named by data.tokenizer (None when unset), errors as ConfigError."""
+    """The tokenizer named by data.tokenizer, errors as ConfigError. None when unset, and
+    for ``data.format: mock``, whose synthetic tokens need only model.vocab_size."""
     from megatron_forge.data.tokenizer import (
         MissingSpecialTokenError,
         TokenizerLoadError,
         load_tokenizer,
     )
 
-    if not cfg.data.tokenizer:
+    if not cfg.data.tokenizer or cfg.data.format == "mock":
         return None
     try:
         return load_tokenizer(cfg.data.tokenizer)

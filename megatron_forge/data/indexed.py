@@ -1,4 +1,5 @@
-"""Megatron indexed datasets (``PREFIX.bin`` + ``PREFIX.idx``): a streaming writer and a check.
+"""Megatron indexed datasets (``PREFIX.bin`` + ``PREFIX.idx``): a streaming writer, the header
+reader and a check.
 
 The format is megatron-core's (``megatron.core.datasets.indexed_dataset``), version 1:
 
@@ -9,9 +10,11 @@ The format is megatron-core's (``megatron.core.datasets.indexed_dataset``), vers
 
 :class:`IndexedDatasetWriter` writes the same bytes as megatron-core's
 ``IndexedDatasetBuilder`` but keeps the per-document lengths in a file rather than in Python
-lists, so memory stays flat for billions of documents. :func:`check_indexed_dataset` checks a
-pair's sizes against each other before megatron-core memory-maps it, which otherwise reads a
-truncated file as garbage or fails deep inside training.
+lists, so memory stays flat for billions of documents. :func:`read_index_header` is the one
+parser of the ``.idx`` header. :func:`check_indexed_dataset` checks a pair's sizes against each
+other before megatron-core memory-maps it, which otherwise reads a truncated file as garbage or
+fails deep inside training. :func:`append_eod_tokens` ends documents given back to back with
+the end-of-document token, as ``--append-eod`` asks.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from megatron_forge.errors import DataError
 
 INDEX_HEADER = b"MMIDIDX\x00\x00"
 HEADER_BYTES = len(INDEX_HEADER) + 8 + 1 + 8 + 8  # magic, version, dtype, S, D
@@ -40,7 +45,7 @@ COPY_ITEMS = 1 << 22  # items per block when streaming the index arrays
 REBUILD = "rerun tools/preprocess_data.py for this prefix"
 
 
-class IndexedDatasetError(ValueError):
+class IndexedDatasetError(DataError):
     """A .bin/.idx pair that megatron-core cannot read correctly; names the file."""
 
 
@@ -52,6 +57,20 @@ def optimal_dtype(vocab_size: int | None) -> type[np.number]:
 
 def dtype_code(dtype: type[np.number]) -> int:
     return next(code for code, value in DTYPE_CODES.items() if value == np.dtype(dtype).type)
+
+
+def append_eod_tokens(
+    tokens: np.ndarray, lengths: np.ndarray, eod: int, skip_empty: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """Documents given as their tokens back to back and each one's length, with ``eod``
+    after every document (after every non-empty one with ``skip_empty``, as Megatron-LM
+    does); returns the new tokens and lengths, the inputs are left as they are."""
+    lengths = np.asarray(lengths)
+    ends = np.cumsum(lengths)
+    if skip_empty:
+        ends = ends[lengths > 0]
+        return np.insert(tokens, ends, eod), lengths + (lengths > 0)
+    return np.insert(tokens, ends, eod), lengths + 1
 
 
 class IndexedDatasetWriter:
@@ -116,6 +135,32 @@ class IndexSummary:
     dtype: type[np.number]
 
 
+def read_index_header(idx: str) -> IndexSummary:
+    """The sequence and document counts and the token dtype a ``.idx`` header declares.
+
+    Raises IndexedDatasetError naming the file when it is missing, shorter than the header,
+    not an index, or of an unknown dtype.
+    """
+    if not os.path.isfile(idx):
+        raise IndexedDatasetError(f"{idx} does not exist; {REBUILD}")
+    with open(idx, "rb") as f:
+        header = f.read(HEADER_BYTES)
+    if len(header) < HEADER_BYTES:
+        raise IndexedDatasetError(
+            f"{idx} is {os.path.getsize(idx)} bytes, shorter than the {HEADER_BYTES}-byte "
+            f"header: the index is truncated; {REBUILD}"
+        )
+    magic, (version,), code = header[:9], struct.unpack("<Q", header[9:17]), header[17]
+    if magic != INDEX_HEADER or version != 1:
+        raise IndexedDatasetError(
+            f"{idx} is not a megatron indexed dataset index (header {header[:17]!r}); {REBUILD}"
+        )
+    if code not in DTYPE_CODES:
+        raise IndexedDatasetError(f"{idx} has an unknown token dtype code {code}; {REBUILD}")
+    num_seq, num_docs = struct.unpack("<QQ", header[18:34])
+    return IndexSummary(num_seq, num_docs, DTYPE_CODES[code])
+
+
 def check_indexed_dataset(prefix: str) -> IndexSummary:
     """Check that ``prefix.idx`` is complete and ``prefix.bin`` has the size it describes.
 
@@ -126,23 +171,9 @@ def check_indexed_dataset(prefix: str) -> IndexSummary:
     for path in (idx, bin_):
         if not os.path.isfile(path):
             raise IndexedDatasetError(f"{path} does not exist; {REBUILD}")
+    summary = read_index_header(idx)
+    num_seq, num_docs, dtype = summary.num_sequences, summary.num_documents, summary.dtype
     idx_size = os.path.getsize(idx)
-    with open(idx, "rb") as f:
-        header = f.read(HEADER_BYTES)
-    if len(header) < HEADER_BYTES:
-        raise IndexedDatasetError(
-            f"{idx} is {idx_size} bytes, shorter than the {HEADER_BYTES}-byte header: the index "
-            f"is truncated; {REBUILD}"
-        )
-    magic, (version,), code = header[:9], struct.unpack("<Q", header[9:17]), header[17]
-    if magic != INDEX_HEADER or version != 1:
-        raise IndexedDatasetError(
-            f"{idx} is not a megatron indexed dataset index (header {header[:17]!r}); {REBUILD}"
-        )
-    if code not in DTYPE_CODES:
-        raise IndexedDatasetError(f"{idx} has an unknown token dtype code {code}; {REBUILD}")
-    dtype = DTYPE_CODES[code]
-    num_seq, num_docs = struct.unpack("<QQ", header[18:34])
     expected = HEADER_BYTES + num_seq * (4 + 8) + num_docs * 8
     if idx_size not in (expected, expected + num_seq):  # + int8 modes when multimodal
         raise IndexedDatasetError(
@@ -165,4 +196,4 @@ def check_indexed_dataset(prefix: str) -> IndexSummary:
             f"{np.dtype(dtype).name} tokens = {bin_expected} bytes: the .bin is truncated or "
             f"belongs to a different .idx; {REBUILD}"
         )
-    return IndexSummary(num_seq, num_docs, dtype)
+    return summary

@@ -1,8 +1,10 @@
 """The one tokenizer loader used by preprocessing, training and checkpoint conversion.
 
 `load_tokenizer(path)` accepts
-- a name registered in the checkout's `tokenizers/` folder (`tokenizers/NAME/`,
-  `tokenizers/NAME.model` or `tokenizers/NAME.json`),
+- a registered name: `NAME/`, `NAME.model` or `NAME.json` in the folder of named tokenizers,
+  `$FORGE_TOKENIZERS` when set, else `tokenizers/` in the working directory (run from a
+  checkout's root, its `tokenizers/` folder: `train_hf_bpe.py --output-dir tokenizers/web`
+  registers `web`),
 - a SentencePiece model file (`*.model`),
 - a Hugging Face `tokenizer.json` file,
 - a directory holding `tokenizer.json` (preferred, as `transformers` does) or `tokenizer.model`,
@@ -15,9 +17,12 @@ datasets read: `vocab_size`, `eod`, `pad`, `eos`, `bos`, `vocab`, `inv_vocab`,
 
 Conventions (the same for both backends):
 - `tokenize(text)` never adds BOS or EOS. Documents are separated by the EOD token, which
-  `tools/preprocess_data.py --append-eod` appends, as in Megatron-LM's GPT pretraining.
+  `tokenize_documents(texts, append_eod=True)` appends (what `tools/preprocess_data.py
+  --append-eod` and `tools/make_webdataset.py --append-eod` use), as in Megatron-LM's GPT
+  pretraining.
 - `eod` is the EOS token. A tokenizer without one cannot mark document ends: reading `eod`
   then raises `MissingSpecialTokenError`.
+- Tokenizers that cannot be loaded raise `TokenizerLoadError`; both are `DataError`s.
 - `bos` / `eos` are None when the tokenizer has no such token.
 - `pad` is the tokenizer's pad token, else -1: megatron-core's own "no pad" value, an id that
   never occurs in data, so no real token is masked out of the loss by mistake.
@@ -35,6 +40,7 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import json
+import os
 import shutil
 import sys
 from collections import OrderedDict
@@ -46,6 +52,9 @@ import sentencepiece as spm
 from tokenizers import AddedToken, decoders, normalizers
 from tokenizers import Tokenizer as HFTokenizerModel
 from tokenizers.models import BPE, Unigram
+
+from megatron_forge.data.indexed import append_eod_tokens
+from megatron_forge.errors import DataError
 
 MCORE_BASE_MODULE = "megatron.core.tokenizers.base_tokenizer"
 
@@ -83,7 +92,8 @@ def megatron_tokenizer_base() -> type:
 
 MegatronTokenizerBase = megatron_tokenizer_base()
 
-REGISTERED_DIR = Path(__file__).resolve().parents[2] / "tokenizers"
+TOKENIZERS_ENV = "FORGE_TOKENIZERS"
+DEFAULT_TOKENIZERS_DIR = "tokenizers"  # relative to the working directory
 NO_PAD_ID = -1  # megatron.core.datasets.megatron_dataset._PAD_TOKEN_ID
 HF_TOKENIZER_FILES = (
     "tokenizer.json",
@@ -106,14 +116,14 @@ SPECIAL_TOKEN_GUESSES = {
 SPM_NORMAL, SPM_UNKNOWN, SPM_CONTROL, SPM_USER_DEFINED, SPM_UNUSED, SPM_BYTE = 1, 2, 3, 4, 5, 6
 
 
-class TokenizerLoadError(ValueError):
+class TokenizerLoadError(DataError):
     """A tokenizer path is missing or holds no tokenizer we can read."""
 
 
-class MissingSpecialTokenError(NotImplementedError):
+class MissingSpecialTokenError(DataError, NotImplementedError):
     """The tokenizer lacks a special token that was asked for.
 
-    A NotImplementedError because megatron-core probes optional token ids (`eos`, `eod`)
+    Also a NotImplementedError because megatron-core probes optional token ids (`eos`, `eod`)
     inside `except (AttributeError, NotImplementedError)`.
     """
 
@@ -151,6 +161,18 @@ class Tokenizer(MegatronTokenizerBase):
         flat = np.fromiter(
             itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum())
         )
+        return flat, lengths
+
+    def tokenize_documents(
+        self, texts: Any, append_eod: bool = False, dtype: Any = np.int64
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """`tokenize_flat(texts)` as `dtype`, each document followed by the EOD token when
+        `append_eod` (raises MissingSpecialTokenError if there is none): the documents' ids
+        back to back and each one's length, EOD included."""
+        flat, lengths = self.tokenize_flat(texts)
+        flat = flat.astype(dtype, copy=False)
+        if append_eod:
+            return append_eod_tokens(flat, lengths, self.eod)
         return flat, lengths
 
     def use_fast_backend(self) -> str | None:
@@ -572,12 +594,17 @@ def spm_piece_types(model_file: Path) -> list[tuple[str, int]]:
     return [(p.piece, p.type) for p in proto.pieces]
 
 
+def tokenizers_dir() -> Path:
+    """The folder of named tokenizers, absolute: $FORGE_TOKENIZERS, else ./tokenizers."""
+    return Path(os.environ.get(TOKENIZERS_ENV) or DEFAULT_TOKENIZERS_DIR).expanduser().absolute()
+
+
 def registered_tokenizer(name: str) -> Path | None:
-    """The file or directory a bare name refers to in the checkout's tokenizers/ folder."""
+    """The file or directory a bare name refers to in `tokenizers_dir()`, or None."""
     if not name or "/" in name or name.startswith("."):
         return None
     for candidate in (name, f"{name}.model", f"{name}.json"):
-        path = REGISTERED_DIR / candidate
+        path = tokenizers_dir() / candidate
         if path.is_file() and path.suffix in (".model", ".json"):
             return path
         if path.is_dir() and (
@@ -588,11 +615,12 @@ def registered_tokenizer(name: str) -> Path | None:
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """Load a SentencePiece `.model`, a `tokenizer.json`, a directory holding either, or the
-    name of one in the checkout's tokenizers/ folder (`NAME/`, `NAME.model`, `NAME.json`)."""
+    """Load a SentencePiece `.model`, a `tokenizer.json`, a directory holding either, or a
+    registered name (`NAME/`, `NAME.model`, `NAME.json` in `tokenizers_dir()`)."""
     expected = (
         "a SentencePiece .model file, a tokenizer.json file, a directory with either, or a "
-        f"name registered in {REGISTERED_DIR}"
+        f"name registered in {tokenizers_dir()} (set {TOKENIZERS_ENV} to use "
+        "another folder of named tokenizers)"
     )
     if not Path(path).expanduser().exists():
         path = registered_tokenizer(str(path)) or path

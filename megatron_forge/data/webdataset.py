@@ -50,6 +50,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from megatron_forge.config import Config, ConfigError
+from megatron_forge.errors import DataError
 
 MANIFEST_FORMAT = "megatron-forge-webdataset"
 TOKENS_FIELD = "tokens.npy"
@@ -101,11 +102,11 @@ def read_manifest(path: str, where: str) -> tuple[list[Shard], dict[str, Any]]:
     try:
         manifest = json.loads(Path(path).read_text())
     except OSError as e:
-        raise ConfigError(f"{where}: cannot read manifest {path}: {e.strerror}") from None
+        raise DataError(f"{where}: cannot read manifest {path}: {e.strerror}") from None
     except ValueError as e:
-        raise ConfigError(f"{where}: {path} is not valid JSON ({e})") from None
+        raise DataError(f"{where}: {path} is not valid JSON ({e})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        raise ConfigError(
+        raise DataError(
             f"{where}: {path} is not a manifest written by tools/make_webdataset.py "
             f'(no "format": "{MANIFEST_FORMAT}")'
         )
@@ -119,7 +120,7 @@ def read_manifest(path: str, where: str) -> tuple[list[Shard], dict[str, Any]]:
                 url = str(base / url)
             shards.append(Shard(url, int(entry["num_samples"])))
     except (KeyError, TypeError, ValueError) as e:
-        raise ConfigError(
+        raise DataError(
             f"{where}: manifest {path} is malformed ({type(e).__name__}: {e}); rewrite it "
             "with tools/make_webdataset.py"
         ) from None
@@ -143,18 +144,18 @@ def resolve_shards(entries: list[str], where: str) -> ShardSet:
             if is_local(url) and any(c in url for c in "*?["):
                 matches = sorted(glob.glob(local_path(url)))
                 if not matches:
-                    raise ConfigError(f"{where}: {url} matches no files")
+                    raise DataError(f"{where}: {url} matches no files")
                 result.shards += [Shard(m) for m in matches]
             else:
                 result.shards.append(Shard(url))
     for shard in result.shards:
         if is_local(shard.url) and not Path(local_path(shard.url)).is_file():
-            raise ConfigError(
+            raise DataError(
                 f"{where}: shard {shard.url} does not exist (write shards with "
                 "tools/make_webdataset.py)"
             )
     if not result.shards:
-        raise ConfigError(f"{where} names no shards")
+        raise DataError(f"{where} names no shards")
     return result
 
 
@@ -227,7 +228,7 @@ def iter_shard(
             except StopIteration:
                 break
             except (tarfile.TarError, OSError, EOFError) as e:
-                raise ValueError(
+                raise DataError(
                     f"shard {shard.url}: unreadable after {count} samples ({e}); the tar is "
                     "truncated or corrupt: rewrite it with tools/make_webdataset.py"
                 ) from None
@@ -237,7 +238,7 @@ def iter_shard(
     finally:
         stream.close()
     if shard.num_samples is not None and count != shard.num_samples:
-        raise ValueError(
+        raise DataError(
             f"shard {shard.url} holds {count} samples but its manifest says "
             f"{shard.num_samples}; the shard is truncated or the manifest is stale"
         )
@@ -248,13 +249,13 @@ def decode_tokens(shard: Shard, sample: dict[str, Any], num_tokens: int) -> np.n
     key = sample["__key__"]
     if TOKENS_FIELD not in sample:
         fields = sorted(k for k in sample if not k.startswith("__"))
-        raise ValueError(
+        raise DataError(
             f"shard {shard.url}: sample {key} has no {TOKENS_FIELD} (has {fields}); "
             "write shards with tools/make_webdataset.py"
         )
     tokens = load_npy(sample[TOKENS_FIELD])
     if tokens.shape != (num_tokens,):
-        raise ValueError(
+        raise DataError(
             f"shard {shard.url}: sample {key} has shape {tokens.shape}, expected "
             f"({num_tokens},) tokens (model.seq_length + 1); rebuild the shards with "
             f"tools/make_webdataset.py --seq-length {num_tokens - 1}"
@@ -303,7 +304,7 @@ def iter_reader_input(
             skip = max(skip - num, 0)
             seen += num
         if not seen:
-            raise ValueError(f"data.{data.split}_shards: reader {reader} has only empty shards")
+            raise DataError(f"data.{data.split}_shards: reader {reader} has only empty shards")
 
 
 def iter_reader_samples(

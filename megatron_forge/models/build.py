@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from megatron_forge.config import Config, ModelConfig
-from megatron_forge.models.llama.model import architecture as llama_architecture
-from megatron_forge.models.mixtral.model import architecture as mixtral_architecture
-from megatron_forge.models.qwen2.model import architecture as qwen2_architecture
+from megatron_forge.config import Config
+from megatron_forge.models.registry import check_model_config, get_family
 from megatron_forge.utils import DTYPES, transformer_engine_available
-
-FAMILIES: dict[str, Callable[[ModelConfig], dict[str, Any]]] = {
-    "llama": llama_architecture,
-    "qwen2": qwen2_architecture,
-    "mixtral": mixtral_architecture,
-}
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel: int) -> int:
@@ -27,13 +18,15 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel: int) 
 
 
 def build_transformer_config(cfg: Config) -> Any:
-    """The megatron-core TransformerConfig for this run (architecture + layout + dtype)."""
+    """The megatron-core TransformerConfig for this run (architecture + layout + dtype).
+    Raises ConfigError first when model.family is unknown or its rules are broken."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    check_model_config(cfg.model)
     on_gpu = torch.cuda.is_available()
     dtype = DTYPES[cfg.precision.params_dtype]
     p = cfg.parallel
-    fields = FAMILIES[cfg.model.family](cfg.model)
+    fields = get_family(cfg.model.family).transformer_fields(cfg.model)
     fields.update(
         tensor_model_parallel_size=p.tensor,
         pipeline_model_parallel_size=p.pipeline,
@@ -121,6 +114,7 @@ def build_model(cfg: Config, tf_config: Any, vocab_size: int) -> list[Any]:
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
+    check_model_config(cfg.model)
     spec = layer_spec(cfg)
     padded = padded_vocab_size(
         vocab_size, cfg.model.make_vocab_size_divisible_by, cfg.parallel.tensor

@@ -1,11 +1,12 @@
-"""Run monitoring: model FLOPs and MFU, W&B and TensorBoard as train-loop callbacks.
+"""Run monitoring over plain metric dicts: model FLOPs and MFU, W&B and TensorBoard.
 
 - :mod:`.flops`: FLOPs per token from the model shape, peak FLOP/s of GPUs by name, MFU.
 - :mod:`.throughput`: :class:`~.throughput.ThroughputMonitor` adds ``tflops_per_gpu`` and
-  ``mfu`` to each step's metrics before they are written.
+  ``mfu`` to a step's metrics.
 - :mod:`.dashboard`: the metric names W&B and TensorBoard show (``train/loss``, ``val/loss``).
-- :mod:`.wandb_logger`, :mod:`.tensorboard`: the two dashboard callbacks.
+- :mod:`.wandb_logger`, :mod:`.tensorboard`: the two dashboard loggers.
 
-Every logger writes on global rank 0 only: the trainer all-reduces the loss and the
-timing, so rank 0 holds every metric.
+None of them knows the train loop: ``megatron_forge.training.monitors`` binds them to it
+as callbacks. Every logger writes on global rank 0 only: the trainer all-reduces the loss
+and the timing, so rank 0 holds every metric.
 """

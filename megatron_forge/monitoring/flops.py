@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from megatron_forge.config import Config, ConfigError, ModelConfig, load_config
-from megatron_forge.models.build import padded_vocab_size
+from megatron_forge.models import check_model_config, padded_vocab_size
 
 
 @dataclass(frozen=True)
@@ -168,6 +168,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        check_model_config(cfg.model)
         if cfg.model.vocab_size is None:
             raise ConfigError("model.vocab_size is unset; pass model.vocab_size=N")
     except ConfigError as err:

@@ -10,50 +10,36 @@ twice.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from megatron_forge.monitoring.dashboard import dashboard_scalars, is_log_step
-from megatron_forge.training.callbacks import Callback, is_logging_rank
-
-if TYPE_CHECKING:
-    from megatron_forge.training.trainer import Trainer
+from megatron_forge.monitoring.dashboard import dashboard_scalars
+from megatron_forge.utils import is_rank0
 
 
-class TensorBoardLogger(Callback):
-    def __init__(self, log_dir: str | Path, log_interval: int) -> None:
+class TensorBoardLogger:
+    """Scalars of metric dicts into one event file; every call is a no-op off rank 0."""
+
+    def __init__(self, log_dir: str | Path) -> None:
         self.path = Path(log_dir) / "tensorboard"
-        self.log_interval = log_interval
         self.writer: Any = None
 
-    def _open(self, trainer: Trainer) -> None:
-        if self.writer is not None or not is_logging_rank():
+    def open(self, step: int, config_yaml: str) -> None:
+        """Start the event file (once) for a run at ``step``, recording its config."""
+        if self.writer is not None or not is_rank0():
             return
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(
-            log_dir=str(self.path), purge_step=trainer.step + 1 if trainer.step else None
-        )
-        self.writer.add_text("config", f"```yaml\n{trainer.cfg.to_yaml()}```", trainer.step)
+        self.writer = SummaryWriter(log_dir=str(self.path), purge_step=step + 1 if step else None)
+        self.writer.add_text("config", f"```yaml\n{config_yaml}```", step)
 
-    def _write(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
-        self._open(trainer)
+    def log(self, metrics: dict[str, Any]) -> None:
         if self.writer is None:
             return
         for name, value in dashboard_scalars(metrics).items():
             self.writer.add_scalar(name, value, metrics["step"])
         self.writer.flush()  # a preempted or killed job keeps what it logged
 
-    def on_train_start(self, trainer: Trainer) -> None:
-        self._open(trainer)
-
-    def on_step_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
-        if is_log_step(metrics["step"], self.log_interval, trainer.cfg.train.train_iters):
-            self._write(trainer, metrics)
-
-    def on_eval_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
-        self._write(trainer, metrics)
-
-    def on_train_end(self, trainer: Trainer) -> None:
+    def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
             self.writer = None

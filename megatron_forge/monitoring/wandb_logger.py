@@ -5,8 +5,8 @@
   W&B host) becomes ``offline``, said once in the log; offline runs are written to
   ``<logging.dir>/wandb/offline-run-*`` (or ``$WANDB_DIR/wandb``) and uploaded later with
   ``wandb sync``.
-- The run id is kept in ``trainer.extra_state``, which every checkpoint stores, so a resumed
-  or requeued job reopens the same run (``resume="allow"``). Offline, each job writes its
+- The run id is part of the W&B callback's state, which every checkpoint stores, so a
+  resumed or requeued job reopens the same run (``resume="allow"``). Offline, each job writes its
   own ``offline-run-*`` directory under that id; ``wandb sync`` uploads them into one run.
   Metrics are logged at ``step=`` the training step: after a requeue that resumes from an
   earlier checkpoint, W&B (online) drops the replayed steps it already has.
@@ -28,15 +28,11 @@ from urllib.parse import urlparse
 
 import torch.distributed as dist
 
-from megatron_forge.monitoring.dashboard import dashboard_scalars, is_log_step
-from megatron_forge.training.callbacks import Callback, is_logging_rank
+from megatron_forge.monitoring.dashboard import dashboard_scalars
+from megatron_forge.utils import is_rank0
 
 if TYPE_CHECKING:
     from megatron_forge.config import Config
-    from megatron_forge.training.trainer import Trainer
-
-RUN_ID_KEY = "wandb_run_id"
-"""Where the run id lives in ``trainer.extra_state`` (and so in checkpoints)."""
 
 
 def _warn(message: str) -> None:
@@ -126,30 +122,30 @@ def _broadcast_from_rank0(value: Optional[str]) -> Optional[str]:
     return box[0]
 
 
-class WandbLogger(Callback):
-    """Logs each logged step's metrics and every evaluation to W&B (global rank 0)."""
+class WandbLogger:
+    """One W&B run, written from global rank 0: metric dicts in, never an exception out."""
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.run: Any = None
+        self.run_id: Optional[str] = None
+        """The run to resume (set before :meth:`start`), then the run opened."""
         self.started = False
 
-    def _start(self, trainer: Trainer) -> None:
-        """Open the run once, on the first hook (evaluation-only runs have no train start).
-        Every rank takes part: the run id is broadcast so that the checkpoints every rank
-        writes agree on it."""
+    def start(self, world_size: int) -> None:
+        """Open (or resume ``run_id``) once. Every rank calls this: rank 0's run id is
+        broadcast so that the checkpoints every rank writes agree on it."""
         if self.started:
             return
         self.started = True
-        run_id = trainer.extra_state.get(RUN_ID_KEY)
-        if is_logging_rank():
-            self.run = init_run(self.cfg, run_id, trainer.world_size)
+        run_id = self.run_id
+        if is_rank0():
+            self.run = init_run(self.cfg, run_id, world_size)
             run_id = self.run.id if self.run is not None else run_id
-        run_id = _broadcast_from_rank0(run_id)
-        if run_id:
-            trainer.extra_state[RUN_ID_KEY] = run_id
+        self.run_id = _broadcast_from_rank0(run_id)
 
-    def _log(self, metrics: dict[str, Any]) -> None:
+    def log(self, metrics: dict[str, Any]) -> None:
+        """Log one step's (or evaluation's) metrics at ``metrics["step"]``."""
         if self.run is None:
             return
         try:
@@ -158,22 +154,12 @@ class WandbLogger(Callback):
             _warn(f"W&B logging failed ({type(err).__name__}: {err}); W&B logging stops here")
             self.run = None
 
-    def on_train_start(self, trainer: Trainer) -> None:
-        self._start(trainer)
-
-    def on_step_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
-        t = trainer.cfg.train
-        if is_log_step(metrics["step"], self.cfg.logging.log_interval, t.train_iters):
-            self._log(metrics)
-
-    def on_eval_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
-        self._start(trainer)
-        self._log(metrics)
-
-    def on_train_end(self, trainer: Trainer) -> None:
-        if self.run is not None:
-            try:
-                self.run.finish()
-            except Exception as err:
-                _warn(f"W&B failed to finish the run ({type(err).__name__}: {err})")
-            self.run = None
+    def finish(self, exit_code: Optional[int] = None) -> None:
+        """Close the run; a nonzero ``exit_code`` marks it failed in W&B."""
+        if self.run is None:
+            return
+        try:
+            self.run.finish(exit_code=exit_code)
+        except Exception as err:
+            _warn(f"W&B failed to finish the run ({type(err).__name__}: {err})")
+        self.run = None

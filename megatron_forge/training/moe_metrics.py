@@ -11,7 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.distributed as dist
+
+from megatron_forge.utils import all_reduce
 
 
 class MoEMetrics:
@@ -43,14 +44,9 @@ class MoEMetrics:
             metrics["moe_aux_loss"] = float(values.sum() / (num_microbatches * len(values)))
         moe_utils.clear_aux_losses_tracker()
 
-        counts = self.counts
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-            counts = counts.to(device)
-            dist.all_reduce(counts)
-            counts = counts.cpu()
-            if not self.seq_parallel:  # TP ranks routed the same tokens: counted TP times
-                counts /= ps.get_tensor_model_parallel_world_size()
+        counts = all_reduce(self.counts.clone())
+        if not self.seq_parallel:  # TP ranks routed the same tokens: counted TP times
+            counts /= ps.get_tensor_model_parallel_world_size()
         used = counts.sum(dim=1) > 0
         if used.any():
             per_layer = counts[used]

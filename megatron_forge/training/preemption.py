@@ -23,10 +23,11 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_forge.training.callbacks import Callback
+from megatron_forge.training.callback import Callback, StopTraining
+from megatron_forge.utils import all_reduce, is_rank0
 
 if TYPE_CHECKING:
-    from megatron_forge.checkpointing import Checkpointer
+    from megatron_forge.training.checkpoint_saver import CheckpointSaver
     from megatron_forge.training.trainer import Trainer
 
 EXIT_PREEMPTED = 3
@@ -35,7 +36,7 @@ EXIT_PREEMPTED = 3
 SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
 
 
-class Preempted(SystemExit):
+class Preempted(StopTraining):
     """Raised out of the train loop after the checkpoint is saved."""
 
     def __init__(self, signum: int) -> None:
@@ -66,8 +67,8 @@ def requeue_slurm_job(max_requeues: int, env: Optional[dict[str, str]] = None) -
 class PreemptionHandler(Callback):
     """Turns SIGTERM/SIGUSR2 into save + requeue + exit at the next step boundary."""
 
-    def __init__(self, checkpointer: Optional[Checkpointer], max_requeues: int) -> None:
-        self.checkpointer = checkpointer
+    def __init__(self, saver: Optional[CheckpointSaver], max_requeues: int) -> None:
+        self.saver = saver
         self.max_requeues = max_requeues
         self.received: int = 0
         self._previous: dict[int, Any] = {}
@@ -79,23 +80,22 @@ class PreemptionHandler(Callback):
         for sig in SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
 
-    def on_train_end(self, trainer: Trainer) -> None:
+    def close(self, trainer: Trainer) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        self._previous.clear()
 
     def _agreed_signal(self) -> int:
         flag = torch.tensor([self.received], dtype=torch.int64)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return int(flag.item())
+        return int(all_reduce(flag, op=dist.ReduceOp.MAX).item())
 
     def on_step_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
         signum = self._agreed_signal()
         if not signum:
             return
-        rank0 = not dist.is_initialized() or dist.get_rank() == 0
+        rank0 = is_rank0()
         name = signal.Signals(signum).name
-        if self.checkpointer is None:
+        if self.saver is None:
             if rank0:
                 print(
                     f"{name} at step {trainer.step}: checkpoint.save is unset, so nothing is "
@@ -105,10 +105,11 @@ class PreemptionHandler(Callback):
                 )
             raise Preempted(signum)
         # Blocking: waits for an in-flight background save, then writes this step's.
-        self.checkpointer.save(trainer, blocking=True)
+        self.saver.save(trainer, blocking=True)
         if rank0:
             print(
-                f"{name} at step {trainer.step}: saved checkpoint to {self.checkpointer.root}",
+                f"{name} at step {trainer.step}: saved checkpoint to "
+                f"{self.saver.checkpointer.root}",
                 flush=True,
             )
             why_not = requeue_slurm_job(self.max_requeues)

@@ -14,7 +14,8 @@ from functools import partial
 from typing import Any
 
 import torch
-import torch.distributed as dist
+
+from megatron_forge.utils import all_reduce
 
 
 def loss_func(
@@ -62,9 +63,5 @@ def reduce_reported_loss(losses: list[dict[str, torch.Tensor]]) -> float:
     if contributes:
         for item in losses:
             total += item["lm loss"].to(torch.float64).cpu()
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        total = total.to(device)
-        dist.all_reduce(total)
-    loss_sum, count = total.tolist()
+    loss_sum, count = all_reduce(total).tolist()
     return loss_sum / max(count, 1.0)

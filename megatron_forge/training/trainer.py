@@ -1,7 +1,8 @@
 """The pretraining loop: megatron-core model, DDP, optimizer and pipeline schedules.
 
 :class:`Trainer` builds everything once (``__init__``), then :meth:`Trainer.train` runs
-the loop. The per-step work is :meth:`train_step`; side concerns are callbacks.
+the loop. The per-step work is :meth:`train_step`; side concerns are callbacks, which
+:meth:`Trainer.close` shuts down on every exit: finished, preempted or failed.
 """
 
 from __future__ import annotations
@@ -10,21 +11,24 @@ import contextlib
 import itertools
 import math
 import resource
+import sys
 import time
+import traceback
 from collections.abc import Iterator
 from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 
-from megatron_forge import checkpointing
+from megatron_forge.checkpointing import TrainState, load_checkpoint
 from megatron_forge.config import Config, ConfigError
 from megatron_forge.data.datasets import build_datasets, load_run_tokenizer, microbatch_iterator
 from megatron_forge.models import build_model, build_transformer_config
-from megatron_forge.training.callbacks import Callback
+from megatron_forge.training.callback import Callback, StopTraining
 from megatron_forge.training.moe_metrics import MoEMetrics
 from megatron_forge.training.optim import build_optimizer, build_scheduler, wrap_ddp
 from megatron_forge.training.step import forward_step, reduce_reported_loss
+from megatron_forge.utils import all_reduce
 
 
 class TimedIterator:
@@ -82,12 +86,19 @@ class Trainer:
 
         self.step = 0
         self.consumed_samples = 0
-        self.extra_state: dict[str, Any] = {}
-        """Small resumable state of callbacks (e.g. the W&B run id), saved in checkpoints."""
+        self._callback_states: dict[str, dict[str, Any]] = {}
+        """Callback states loaded from the checkpoint, carried into the next one even when
+        this run has no callback to take them (W&B switched off for one job, say)."""
         if cfg.checkpoint.load:
-            self.step = checkpointing.load(self, cfg.checkpoint.load)
+            self._resume(
+                load_checkpoint(
+                    cfg.checkpoint.load, self.model, self.optimizer, self.scheduler, cfg.checkpoint
+                )
+            )
         self.train_ds, self.valid_ds = build_datasets(cfg, self.tokenizer)
-        self.train_iter = self._iterators(self.train_ds, start_sample=self.consumed_samples)
+        self.train_iter, self.data_timer = self._iterators(
+            self.train_ds, start_sample=self.consumed_samples
+        )
 
     def _vocab_size(self) -> int:
         given = self.cfg.model.vocab_size
@@ -102,18 +113,34 @@ class Trainer:
             )
         return given or self.tokenizer.vocab_size
 
+    def _resume(self, state: TrainState) -> None:
+        self.step, self.consumed_samples = state.step, state.consumed_samples
+        self._callback_states = dict(state.callbacks)
+        for cb in self.callbacks:
+            if cb.state_key is not None and cb.state_key in state.callbacks:
+                cb.load_state_dict(state.callbacks[cb.state_key])
+
+    def train_state(self) -> TrainState:
+        """Where the run stands, with the callbacks' resumable state, for a checkpoint."""
+        states = dict(self._callback_states)
+        for cb in self.callbacks:
+            if cb.state_key is not None and (state := cb.state_dict()):
+                states[cb.state_key] = state
+        return TrainState(self.step, self.consumed_samples, states)
+
     def _iterators(
         self, dataset: Any, start_sample: int = 0, num_steps: Optional[int] = None
-    ) -> list[Iterator]:
-        """One microbatch stream per model chunk: each virtual pipeline chunk consumes
-        the same microbatches in its own order, as megatron's interleaved schedule expects."""
+    ) -> tuple[list[Iterator], TimedIterator]:
+        """One microbatch stream per model chunk (each virtual pipeline chunk consumes the
+        same microbatches in its own order, as megatron's interleaved schedule expects),
+        and the timer of the underlying stream."""
         stream = TimedIterator(
             microbatch_iterator(
                 dataset, self.cfg, self.dp_rank, self.dp_size, start_sample, num_steps
             )
         )
-        self.data_timer = stream
-        return list(itertools.tee(stream, len(self.model))) if len(self.model) > 1 else [stream]
+        chunks = list(itertools.tee(stream, len(self.model))) if len(self.model) > 1 else [stream]
+        return chunks, stream
 
     def _forward_backward(self, data: list[Iterator], forward_only: bool) -> float:
         from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -168,9 +195,7 @@ class Trainer:
         else:  # CPU: the process's peak resident set (KiB on Linux)
             peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
         stats = torch.tensor([elapsed, -elapsed, peak_gb], dtype=torch.float64)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            stats = stats.to("cuda" if torch.cuda.is_available() else "cpu")
-            dist.all_reduce(stats, op=dist.ReduceOp.MAX)
+        stats = all_reduce(stats, op=dist.ReduceOp.MAX)
         slowest, fastest, peak = stats[0].item(), -stats[1].item(), stats[2].item()
         tokens = self.cfg.train.global_batch_size * self.cfg.model.seq_length
         return {
@@ -202,7 +227,7 @@ class Trainer:
         """Mean loss over ``eval_iters`` global batches, the same ones at every evaluation."""
         for chunk in self.model:
             chunk.eval()
-        data = self._iterators(self.valid_ds, num_steps=self.cfg.train.eval_iters)
+        data, _ = self._iterators(self.valid_ds, num_steps=self.cfg.train.eval_iters)
         with self.params_synced():
             losses = [
                 self._forward_backward(data, forward_only=True)
@@ -217,10 +242,26 @@ class Trainer:
             cb.on_eval_end(self, metrics)
 
     def train(self) -> None:
+        """Run to ``train.train_iters`` (or evaluate only, with ``train.skip_train``).
+
+        A failure reaches every callback's ``on_error``; a callback's :class:`StopTraining`
+        (preemption: checkpoint saved) is a clean stop, not a failure. Either way, and on
+        success, every callback's ``close`` runs."""
+        finished = False
+        try:
+            self._loop()
+            finished = True
+        except StopTraining:
+            raise
+        except BaseException as error:
+            self._on_error(error)
+            raise
+        finally:  # a failing close fails a finished run; otherwise its exit stands
+            self.close(raise_errors=finished)
+
+    def _loop(self) -> None:
         t = self.cfg.train
         if t.skip_train:  # evaluate the loaded model only (Megatron-LM's --skip-train)
-            if self.valid_ds is None:
-                raise ConfigError("train.skip_train needs train.eval_interval > 0 and eval_iters")
             self._run_eval()
             return
         for cb in self.callbacks:
@@ -233,3 +274,31 @@ class Trainer:
                 self._run_eval()
         for cb in self.callbacks:
             cb.on_train_end(self)
+
+    def _on_error(self, error: BaseException) -> None:
+        for cb in self.callbacks:
+            try:
+                cb.on_error(self, error)
+            except Exception:  # the run's own error is the one to report
+                _warn_failed(cb, "on_error")
+
+    def close(self, raise_errors: bool = True) -> None:
+        """Every callback's ``close``, each one even when another fails. With
+        ``raise_errors`` the first failure is raised at the end; the others (all of them
+        without it) are printed as warnings."""
+        first: Optional[Exception] = None
+        for cb in self.callbacks:
+            try:
+                cb.close(self)
+            except Exception as err:
+                if raise_errors and first is None:
+                    first = err
+                else:
+                    _warn_failed(cb, "close")
+        if first is not None:
+            raise first
+
+
+def _warn_failed(cb: Callback, hook: str) -> None:
+    print(f"WARNING: {type(cb).__name__}.{hook} failed:", file=sys.stderr, flush=True)
+    traceback.print_exc()

@@ -26,8 +26,9 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import torch.distributed as dist
 
-from megatron_forge.training.callbacks import Callback
+from megatron_forge.training.callback import Callback
 from megatron_forge.training.preemption import requeue_slurm_job
+from megatron_forge.utils import world_size
 
 if TYPE_CHECKING:
     from megatron_forge.training.trainer import Trainer
@@ -62,7 +63,7 @@ class HangWatchdog(Callback):
         self.max_requeues = max_requeues
         self.interval_s = min(5.0, timeout_s / 4)
         self.rank = dist.get_rank() if dist.is_initialized() else 0
-        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.world = world_size()
         self.host = socket.gethostname()
         self.step = 0
         self.last_progress = time.monotonic()
@@ -128,4 +129,11 @@ class HangWatchdog(Callback):
         self._progress(trainer)
 
     def on_train_end(self, trainer: Trainer) -> None:
+        # Stop watching before the final checkpoint save, which is no training step.
         self._stop.set()
+
+    def close(self, trainer: Trainer) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2 * self.interval_s)
+            self._thread = None

@@ -13,7 +13,10 @@ from megatron_forge.convert.files import (
     TensorSpec,
     parse_size,
 )
-from megatron_forge.convert.mapping import merge_qkv, split_qkv
+from megatron_forge.convert.trtllm import check_trt_family, trtllm_config
+from megatron_forge.errors import ConvertError
+from megatron_forge.models import Serving, get_family
+from megatron_forge.models.mapping import merge_qkv, split_qkv
 
 
 def test_qkv_is_grouped_per_query_group():
@@ -68,3 +71,27 @@ def test_parse_size():
     assert parse_size("300KB") == 300_000
     assert parse_size("2GiB") == 2 * 2**30
     assert parse_size("1234") == 1234
+
+
+def test_trtllm_config_takes_family_fields_from_the_registry():
+    qwen2 = trtllm_config(ModelConfig(family="qwen2"), 1000, 1, 1, torch.float32)
+    assert (qwen2["architecture"], qwen2["attn_bias"], qwen2["qwen_type"]) == (
+        "Qwen2ForCausalLM",
+        True,
+        "qwen2",
+    )
+    assert qwen2["seq_length"] == 128
+    llama = trtllm_config(ModelConfig(), 1000, 1, 1, torch.float32)
+    assert (llama["architecture"], llama["attn_bias"]) == ("LlamaForCausalLM", False)
+    assert "qwen_type" not in llama
+
+
+def test_to_trtllm_refuses_a_family_the_registry_marks_unsupported(monkeypatch):
+    qwen2 = type(get_family("qwen2"))
+    monkeypatch.setattr(qwen2, "serving", Serving(vllm=True, trtllm=True, trtllm_checkpoint=False))
+    with pytest.raises(
+        ConvertError,
+        match=r"to-trtllm does not support model.family=qwen2 \(supported: \['llama', 'mixtral'\]\)",
+    ):
+        check_trt_family(ModelConfig(family="qwen2"))
+    check_trt_family(ModelConfig())

@@ -18,9 +18,12 @@ from megatron_forge.data.datasets import build_datasets, check_data_paths
 from megatron_forge.data.indexed import (
     IndexedDatasetError,
     IndexedDatasetWriter,
+    append_eod_tokens,
     check_indexed_dataset,
+    read_index_header,
 )
 from megatron_forge.data.tokenizer import load_tokenizer
+from megatron_forge.errors import DataError
 
 REBUILD = "rerun tools/preprocess_data.py for this prefix"
 
@@ -73,6 +76,20 @@ def truncate(path: Path, num_bytes: int) -> int:
 def test_good_pair_passes(good_prefix: Path) -> None:
     summary = check_indexed_dataset(str(good_prefix))
     assert (summary.num_sequences, summary.num_documents, summary.dtype) == (30, 31, np.uint16)
+    assert read_index_header(f"{good_prefix}.idx") == summary
+    int32 = write_dataset(good_prefix.with_name("wide"), random_documents(3), np.int32)
+    assert read_index_header(f"{int32}.idx").dtype == np.int32
+    assert issubclass(IndexedDatasetError, DataError)
+
+
+def test_append_eod_tokens() -> None:
+    tokens, lengths = np.array([5, 6, 7], np.uint16), np.array([2, 0, 1])
+    out, out_lengths = append_eod_tokens(tokens, lengths, 2)
+    assert out.dtype == np.uint16 and out.tolist() == [5, 6, 2, 2, 7, 2]
+    assert out_lengths.tolist() == [3, 1, 2]
+    out, out_lengths = append_eod_tokens(tokens, lengths, 2, skip_empty=True)  # Megatron-LM's
+    assert out.tolist() == [5, 6, 2, 7, 2] and out_lengths.tolist() == [3, 0, 2]
+    assert tokens.tolist() == [5, 6, 7] and lengths.tolist() == [2, 0, 1]  # inputs untouched
 
 
 def test_truncated_bin(good_prefix: Path) -> None:

@@ -7,6 +7,7 @@ import pickle
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pytest
 
@@ -18,6 +19,7 @@ from megatron_forge.data.tokenizer import (
     TokenizerLoadError,
     load_tokenizer,
 )
+from megatron_forge.errors import DataError
 
 SENTENCES = [
     "Return the number of items in a container.",
@@ -92,6 +94,22 @@ def test_errors_name_the_path(tmp_path: Path) -> None:
     bad_json.write_text("{")
     with pytest.raises(TokenizerLoadError, match=f"{bad_json} is not a Hugging Face"):
         load_tokenizer(bad_json)
+    assert issubclass(TokenizerLoadError, DataError)
+    assert issubclass(MissingSpecialTokenError, DataError)  # and NotImplementedError, for mcore
+    assert issubclass(MissingSpecialTokenError, NotImplementedError)
+
+
+def test_tokenize_documents_appends_eod(spm_model: Path) -> None:
+    """The one tokenize-and-end-with-EOD path of preprocess_data.py and make_webdataset.py."""
+    tok = load_tokenizer(spm_model)
+    texts = ["Return the value.", "x", "Unicode: héllo"]
+    flat, lengths = tok.tokenize_documents(texts, append_eod=True, dtype=np.uint16)
+    expected = [tok.tokenize(text) + [tok.eod] for text in texts]
+    assert flat.dtype == np.uint16 and flat.tolist() == sum(expected, [])
+    assert lengths.tolist() == [len(ids) for ids in expected]
+    flat, lengths = tok.tokenize_documents(texts)
+    assert flat.tolist() == sum((tok.tokenize(t) for t in texts), [])
+    assert lengths.tolist() == [len(tok.tokenize(t)) for t in texts]
 
 
 def test_fits_megatron_core(spm_model: Path) -> None:

@@ -4,12 +4,13 @@ with the same ids and special tokens."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-from megatron_forge.data.tokenizer import HFTokenizer, load_tokenizer
+from megatron_forge.data.tokenizer import HFTokenizer, TokenizerLoadError, load_tokenizer
 from tests.data.test_tokenizer import SENTENCES
 
 
@@ -71,9 +72,22 @@ def test_deterministic_and_safe(
     assert config["eos_token"] == "<|endoftext|>" and config["add_bos_token"] is False
 
 
-def test_registered_name(bpe_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A bare name resolves inside the checkout's tokenizers/ folder."""
+def test_registered_name(bpe_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bare name resolves in $FORGE_TOKENIZERS, else in tokenizers/ of the working
+    directory (a checkout's tokenizers/ folder when run from its root); never in the
+    installed package."""
     from megatron_forge.data import tokenizer as module
 
-    monkeypatch.setattr(module, "REGISTERED_DIR", bpe_dir.parent)
-    assert load_tokenizer("tok").tokenize("hello") == load_tokenizer(bpe_dir).tokenize("hello")
+    expected = load_tokenizer(bpe_dir).tokenize("hello")
+    monkeypatch.setenv(module.TOKENIZERS_ENV, str(bpe_dir.parent))
+    assert load_tokenizer("tok").tokenize("hello") == expected
+    monkeypatch.delenv(module.TOKENIZERS_ENV)
+    work = tmp_path / "work"
+    shutil.copytree(bpe_dir, work / "tokenizers" / "mine")
+    monkeypatch.chdir(work)
+    assert load_tokenizer("mine").tokenize("hello") == expected
+    with pytest.raises(TokenizerLoadError) as err:
+        load_tokenizer("tok")
+    message = str(err.value)
+    assert "tokenizer path tok does not exist" in message
+    assert f"name registered in {work / 'tokenizers'} (set FORGE_TOKENIZERS" in message

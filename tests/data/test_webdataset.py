@@ -29,6 +29,7 @@ from megatron_forge.data.webdataset import (
     iter_shard,
     resolve_shards,
 )
+from megatron_forge.errors import DataError
 from tests.conftest import REPO, run_training
 
 SEQ = 128
@@ -216,7 +217,7 @@ def test_errors_name_the_field(shards: Path, spm_model: Path, tmp_path: Path) ->
         "(tools/make_webdataset.py --samples-per-shard) or lower data.num_workers"
     )
     missing = f"{shards.parent}/sample-{{000000..000099}}.tar"
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(DataError) as err:  # the files, not a field, are at fault
         build_datasets(wds_config(shards, spm_model, f"data.train_shards=['{missing}']"), tok)
     count = len(json.loads(shards.read_text())["shards"])
     assert str(err.value) == (
@@ -226,7 +227,7 @@ def test_errors_name_the_field(shards: Path, spm_model: Path, tmp_path: Path) ->
     # A URL list carries no seq_length: a wrong one is caught on the first sample.
     by_url = split_for(shards, 0, urls=True)
     by_url.seq_length = 64
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(DataError) as err:
         next(iter_reader_samples(by_url, 0, 1))
     assert re.fullmatch(
         r"shard .*/sample-\d{6}\.tar: sample \d{10} has shape \(129,\), expected \(65,\) "
@@ -236,7 +237,7 @@ def test_errors_name_the_field(shards: Path, spm_model: Path, tmp_path: Path) ->
     )
     truncated = tmp_path / "truncated.tar"
     truncated.write_bytes((shards.parent / "sample-000001.tar").read_bytes()[:3000])
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(DataError) as err:
         list(iter_shard(Shard(str(truncated)), SEQ + 1))
     assert str(err.value) == (
         f"shard {truncated}: unreadable after 2 samples (unexpected end of data); the tar is "
@@ -248,7 +249,7 @@ def test_errors_name_the_field(shards: Path, spm_model: Path, tmp_path: Path) ->
     manifest["shards"][0]["url"] = str(shards.parent / manifest["shards"][0]["url"])
     stale.write_text(json.dumps(manifest))
     (shard,) = resolve_shards([str(stale)], "test").shards
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(DataError) as err:
         list(iter_shard(shard, SEQ + 1))
     assert str(err.value) == (
         f"shard {shard.url} holds {PER_SHARD} samples but its manifest says {PER_SHARD + 1}; "

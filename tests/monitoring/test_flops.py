@@ -14,8 +14,8 @@ from megatron_forge.monitoring.flops import (
     resolve_peak,
     run_flops_per_token,
 )
-from megatron_forge.monitoring.throughput import ThroughputMonitor
-from megatron_forge.training.callbacks import MetricsLogger
+from megatron_forge.training.metrics_logger import MetricsLogger
+from megatron_forge.training.monitors import ThroughputCallback
 from tests.conftest import REPO
 
 
@@ -179,7 +179,7 @@ STEP = {
 
 def test_throughput_on_unknown_gpu_reports_tflops_and_mfu_na(capsys) -> None:
     trainer = _trainer([])
-    monitor = ThroughputMonitor(trainer.cfg, device_name="NVIDIA Quantum Flux 9000")
+    monitor = ThroughputCallback(trainer.cfg, device_name="NVIDIA Quantum Flux 9000")
     monitor.on_train_start(trainer)
     metrics = dict(STEP)
     monitor.on_step_end(trainer, metrics)  # never raises
@@ -194,7 +194,7 @@ def test_throughput_on_unknown_gpu_reports_tflops_and_mfu_na(capsys) -> None:
 
 def test_throughput_on_h100_gives_mfu() -> None:
     trainer = _trainer([])
-    monitor = ThroughputMonitor(trainer.cfg, device_name="NVIDIA H100 80GB HBM3")
+    monitor = ThroughputCallback(trainer.cfg, device_name="NVIDIA H100 80GB HBM3")
     metrics = dict(STEP)
     monitor.on_step_end(trainer, metrics)  # starts itself if on_train_start was skipped
     assert metrics["mfu"] == pytest.approx(metrics["tflops_per_gpu"] / 989.4)
@@ -207,7 +207,7 @@ def test_throughput_on_h100_gives_mfu() -> None:
 
 def test_peak_override_wins() -> None:
     trainer = _trainer(["logging.peak_tflops=865"])
-    monitor = ThroughputMonitor(trainer.cfg, device_name="NVIDIA H100 80GB HBM3")
+    monitor = ThroughputCallback(trainer.cfg, device_name="NVIDIA H100 80GB HBM3")
     metrics = dict(STEP, skipped_steps=2, nan_steps=1)
     metrics.update(moe_aux_loss=0.0123, moe_expert_load_imbalance=1.25)
     monitor.on_step_end(trainer, metrics)
@@ -215,3 +215,13 @@ def test_peak_override_wins() -> None:
     line = MetricsLogger.console_line(trainer, metrics)
     assert "number of skipped iterations:   2 | number of nan iterations:   1" in line
     assert "| moe aux loss: 1.2300E-02 | expert load imbalance: 1.250 |" in line
+
+
+def test_cli_checks_the_family(capsys: pytest.CaptureFixture[str]) -> None:
+    from megatron_forge.monitoring.flops import main
+
+    config = str(REPO / "configs/tiny.yaml")
+    assert main([config, "model.vocab_size=2048"]) == 0
+    assert "forward FLOPs/token" in capsys.readouterr().out
+    assert main([config, "model.vocab_size=2048", "model.family=gpt"]) == 2
+    assert "model.family='gpt' is not a registered family" in capsys.readouterr().err

@@ -64,41 +64,73 @@ def _by_step(records: list[dict[str, Any]], key: str) -> dict[int, float]:
     return {r["step"]: r[key] for r in records if key in r}
 
 
+def _train_records(records: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    return {r["step"]: r for r in records if "loss" in r}
+
+
 def test_wandb_offline_history_holds_the_metrics(runs) -> None:
     assert len(runs["wandb"]) == 2, runs["wandb"]  # one per job: only global rank 0 logs
     jsonl = read_metrics(runs["dir"])
+    records = _train_records(jsonl)
     for wandb_dir, iters in zip(runs["wandb"], (FIRST_ITERS, RESUMED_ITERS)):
         rows = wandb_files.history(wandb_dir)
         train = sorted(s for s, row in rows.items() if "train/loss" in row)
         val = sorted(s for s, row in rows.items() if "val/loss" in row)
         assert train == TRAIN_STEPS[iters] and val == VAL_STEPS[iters]
         for step in train:
-            row = rows[step]
-            for key in (
-                "train/lr",
-                "train/grad_norm",
-                "train/skipped_steps",
-                "train/nan_steps",
-                "train/consumed_samples",
-                "throughput/tokens_per_s",
-                "throughput/tokens_per_s_per_gpu",
-                "throughput/tflops_per_gpu",
-                "time/step_s",
-                "time/step_min_s",
-                "time/data_wait_s",
-                "memory/peak_gb",
+            row, record = rows[step], records[step]
+            # every metric of the step, under its dashboard name, with its value
+            for key, name in (
+                ("loss", "train/loss"),
+                ("lr", "train/lr"),
+                ("grad_norm", "train/grad_norm"),
+                ("skipped_steps", "train/skipped_steps"),
+                ("nan_steps", "train/nan_steps"),
+                ("consumed_samples", "train/consumed_samples"),
+                ("tokens_per_s", "throughput/tokens_per_s"),
+                ("tokens_per_s_per_gpu", "throughput/tokens_per_s_per_gpu"),
+                ("tflops_per_gpu", "throughput/tflops_per_gpu"),
+                ("step_time_s", "time/step_s"),
+                ("step_time_min_s", "time/step_min_s"),
+                ("data_wait_s", "time/data_wait_s"),
+                ("peak_mem_gb", "memory/peak_gb"),
             ):
-                assert key in row, (step, key)
+                assert row[name] == pytest.approx(record[key], rel=1e-12), (step, name)
             assert "throughput/mfu" not in row  # CPU: MFU n/a
-            assert row["train/loss"] == pytest.approx(_by_step(jsonl, "loss")[step], rel=1e-12)
-            assert row["throughput/tflops_per_gpu"] == pytest.approx(
-                _by_step(jsonl, "tflops_per_gpu")[step], rel=1e-12
-            )
         for step in val:
             assert rows[step]["val/loss"] == pytest.approx(_by_step(jsonl, "val_loss")[step])
             assert rows[step]["val/ppl"] == pytest.approx(_by_step(jsonl, "val_ppl")[step])
     # checkpoint.save_interval=4: the save at step 4 reports how long it blocked training
-    assert "time/checkpoint_blocked_s" in wandb_files.history(runs["wandb"][0])[4]
+    blocked = wandb_files.history(runs["wandb"][0])[4]["time/checkpoint_blocked_s"]
+    assert blocked == pytest.approx(records[4]["checkpoint_blocked_s"], rel=1e-12)
+    assert blocked > 0
+
+
+def test_step_metrics_have_consistent_values(runs) -> None:
+    """What each step reports follows from the config (global batch 16, seq 128, 2 ranks,
+    eval every 3 steps) and from the other metrics of that step."""
+    records = _train_records(read_metrics(runs["dir"]))
+    assert sorted(records) == [2, 4, 6, 8, 10]
+    flops_line = next(x for x in runs["stdout"][0].splitlines() if "model FLOPs per token" in x)
+    flops_per_token = float(flops_line.split(": ")[1].split(" ")[0])
+    for step, r in records.items():
+        assert r["consumed_samples"] == 16 * step
+        assert r["tokens_per_s"] == pytest.approx(16 * 128 / r["step_time_s"], rel=1e-12)
+        assert r["tokens_per_s_per_gpu"] == pytest.approx(r["tokens_per_s"] / 2, rel=1e-12)
+        assert r["tflops_per_gpu"] == pytest.approx(
+            flops_per_token * r["tokens_per_s_per_gpu"] / 1e12, rel=1e-3
+        )
+        assert 0 < r["step_time_min_s"] <= r["step_time_rank_s"] <= r["step_time_s"]
+        # waiting for this step's batches takes some time, also after an evaluation
+        # (steps 4, 6, 8, 10 follow the ones at 3, 6, 9)
+        assert 0 < r["data_wait_s"] < r["step_time_rank_s"]
+        assert r["skipped_steps"] == 0 and r["nan_steps"] == 0 and r["skipped"] is False
+        assert r["grad_norm"] > 0 and r["peak_mem_gb"] > 0
+        assert "mfu" not in r  # no peak FLOP/s known on CPU
+    # linear warmup over 5 steps to 3e-3, cosine decay to 3e-4 at the first job's last
+    # step; the resumed job keeps the checkpoint's schedule (megatron's default)
+    lrs = [records[s]["lr"] for s in sorted(records)]
+    assert lrs == pytest.approx([3e-3 * 2 / 5, 3e-3 * 4 / 5, 3e-4, 3e-4, 3e-4], rel=1e-6)
 
 
 def test_wandb_run_has_config_tags_group_and_slurm_job(runs) -> None:
@@ -126,9 +158,8 @@ def test_resumed_job_continues_the_same_wandb_run(runs) -> None:
     assert first == second
     assert runs["wandb"][1].name.endswith(first)
     ckpt = runs["dir"] / "ckpt" / "iter_0000006"
-    assert dist_checkpointing.load_common_state_dict(str(ckpt))["extra_state"] == {
-        "wandb_run_id": first
-    }
+    common = dist_checkpointing.load_common_state_dict(str(ckpt))
+    assert common["callback_states"] == {"wandb": {"run_id": first}}
     assert f"W&B run {first} (offline)" in runs["stdout"][1]
 
 

@@ -12,13 +12,9 @@ import pytest
 import wandb
 
 from megatron_forge.config import load_config
-from megatron_forge.monitoring.wandb_logger import (
-    RUN_ID_KEY,
-    WandbLogger,
-    has_api_key,
-    resolve_mode,
-)
-from megatron_forge.training.callbacks import build_callbacks
+from megatron_forge.monitoring.wandb_logger import has_api_key, resolve_mode
+from megatron_forge.train import build_callbacks
+from megatron_forge.training.monitors import WandbCallback
 from tests.conftest import REPO
 
 
@@ -52,6 +48,7 @@ class FakeRun:
         self.logged: list[tuple[int, dict[str, float]]] = []
         self.fail_log = fail_log
         self.finished = False
+        self.exit_code: int | None = None
 
     def _update(self, values: dict[str, Any], allow_val_change: bool = False) -> None:
         assert allow_val_change
@@ -62,8 +59,8 @@ class FakeRun:
             raise OSError("disk full")
         self.logged.append((step, data))
 
-    def finish(self) -> None:
-        self.finished = True
+    def finish(self, exit_code: int | None = None) -> None:
+        self.finished, self.exit_code = True, exit_code
 
 
 def _cfg(tmp_path: Path, *overrides: str):
@@ -86,10 +83,14 @@ def _cfg(tmp_path: Path, *overrides: str):
     )
 
 
-def _trainer(cfg, extra_state: dict[str, Any] | None = None) -> SimpleNamespace:
-    return SimpleNamespace(
-        cfg=cfg, extra_state=dict(extra_state or {}), world_size=8, step=0, tokenizer=None
-    )
+def _trainer(cfg) -> SimpleNamespace:
+    return SimpleNamespace(cfg=cfg, world_size=8, step=0, tokenizer=None)
+
+
+def _resumed(callback: WandbCallback, run_id: str) -> WandbCallback:
+    """The callback as Trainer leaves it after loading a checkpoint holding ``run_id``."""
+    callback.load_state_dict({"run_id": run_id})
+    return callback
 
 
 def test_init_gets_config_fields_and_resumes_the_stored_id(tmp_path, monkeypatch) -> None:
@@ -107,16 +108,17 @@ def test_init_gets_config_fields_and_resumes_the_stored_id(tmp_path, monkeypatch
     cfg = _cfg(tmp_path, "logging.wandb_mode=offline")
 
     fresh = _trainer(cfg)
-    logger = WandbLogger(cfg)
+    logger = WandbCallback(cfg)
+    assert logger.state_dict() == {}  # nothing to resume before the run opens
     logger.on_train_start(fresh)
-    assert fresh.extra_state[RUN_ID_KEY] == "newid123"
+    assert logger.state_dict() == {"run_id": "newid123"}
     kwargs = calls[0]
     assert kwargs["project"] == "forge-unit" and kwargs["entity"] == "team"
     assert kwargs["tags"] == ["tiny", "unit"] and kwargs["group"] == "ablation-1"
     assert kwargs["name"] == "run" and kwargs["mode"] == "offline"
     assert kwargs["id"] is None and kwargs["resume"] == "allow"
     assert kwargs["dir"] == str(tmp_path / "run")
-    values = logger.run.config_values
+    values = logger.logger.run.config_values
     assert values["model"]["hidden_size"] == 64 and values["world_size"] == 8
     assert values["slurm"] == {
         "job_id": "4242",
@@ -128,18 +130,19 @@ def test_init_gets_config_fields_and_resumes_the_stored_id(tmp_path, monkeypatch
     logger.on_step_end(fresh, {"step": 1, "loss": 9.0})
     logger.on_step_end(fresh, {"step": 2, "loss": 8.0, "skipped": False, "mfu": 0.4})
     logger.on_eval_end(fresh, {"step": 2, "val_loss": 8.5, "val_ppl": 4914.8})
-    assert logger.run.logged == [
+    assert logger.logger.run.logged == [
         (2, {"train/loss": 8.0, "throughput/mfu": 0.4}),
         (2, {"val/loss": 8.5, "val/ppl": 4914.8}),
     ]
-    run = logger.run
+    run = logger.logger.run
     logger.on_train_end(fresh)
-    assert run.finished
+    logger.close(fresh)
+    assert run.finished and run.exit_code is None
 
-    resumed = _trainer(cfg, {RUN_ID_KEY: "newid123"})  # what checkpointing.load restores
-    WandbLogger(cfg).on_train_start(resumed)
+    resumed = _resumed(WandbCallback(cfg), "newid123")  # what a checkpoint restores
+    resumed.on_train_start(_trainer(cfg))
     assert calls[1]["id"] == "newid123" and calls[1]["resume"] == "allow"
-    assert resumed.extra_state[RUN_ID_KEY] == "newid123"
+    assert resumed.state_dict() == {"run_id": "newid123"}
 
 
 def test_failing_wandb_init_leaves_training_running(tmp_path, monkeypatch, capsys) -> None:
@@ -151,9 +154,10 @@ def test_failing_wandb_init_leaves_training_running(tmp_path, monkeypatch, capsy
 
     monkeypatch.setattr(wandb, "init", broken_init)
     cfg = _cfg(tmp_path, "logging.wandb_mode=online", "logging.tensorboard=true")
-    trainer = _trainer(cfg, {RUN_ID_KEY: "keepme1"})
+    trainer = _trainer(cfg)
     callbacks = build_callbacks(cfg)
-    assert any(isinstance(cb, WandbLogger) for cb in callbacks)
+    (wandb_cb,) = [cb for cb in callbacks if isinstance(cb, WandbCallback)]
+    _resumed(wandb_cb, "keepme1")
     for cb in callbacks:
         cb.on_train_start(trainer)
     for step in (1, 2):
@@ -174,6 +178,8 @@ def test_failing_wandb_init_leaves_training_running(tmp_path, monkeypatch, capsy
             cb.on_step_end(trainer, metrics)
     for cb in callbacks:
         cb.on_train_end(trainer)
+    for cb in callbacks:
+        cb.close(trainer)
     out = capsys.readouterr()
     assert "W&B failed to start (RuntimeError: simulated W&B outage); training continues" in (
         out.err
@@ -183,20 +189,33 @@ def test_failing_wandb_init_leaves_training_running(tmp_path, monkeypatch, capsy
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [2] and "tflops_per_gpu" in records[0]
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
-    assert trainer.extra_state[RUN_ID_KEY] == "keepme1"  # a later job can still resume it
+    assert wandb_cb.state_dict() == {"run_id": "keepme1"}  # a later job can still resume it
 
 
 def test_failing_wandb_log_stops_wandb_only(tmp_path, monkeypatch, capsys) -> None:
     monkeypatch.setattr(wandb, "init", lambda **kwargs: FakeRun("abcd1234", fail_log=True))
     cfg = _cfg(tmp_path, "logging.wandb_mode=offline")
-    logger, trainer = WandbLogger(cfg), _trainer(cfg)
+    logger, trainer = WandbCallback(cfg), _trainer(cfg)
     logger.on_train_start(trainer)
     logger.on_step_end(trainer, {"step": 2, "loss": 1.0})
     logger.on_eval_end(trainer, {"step": 2, "val_loss": 1.0})
     logger.on_train_end(trainer)
+    logger.close(trainer)
     err = capsys.readouterr().err
     assert err.count("W&B logging failed (OSError: disk full); W&B logging stops here") == 1
-    assert logger.run is None
+    assert logger.logger.run is None
+
+
+def test_failed_run_is_finished_as_failed(tmp_path, monkeypatch) -> None:
+    run = FakeRun("abcd1234")
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: run)
+    cfg = _cfg(tmp_path, "logging.wandb_mode=offline")
+    logger, trainer = WandbCallback(cfg), _trainer(cfg)
+    logger.on_train_start(trainer)
+    logger.on_error(trainer, RuntimeError("boom"))
+    logger.close(trainer)
+    assert run.finished and run.exit_code == 1
+    logger.close(trainer)  # a second close is harmless
 
 
 @pytest.mark.parametrize(
@@ -204,4 +223,4 @@ def test_failing_wandb_log_stops_wandb_only(tmp_path, monkeypatch, capsys) -> No
 )
 def test_no_wandb_callback_when_off(tmp_path: Path, overrides: list[str]) -> None:
     callbacks = build_callbacks(_cfg(tmp_path, *overrides))
-    assert not any(isinstance(cb, WandbLogger) for cb in callbacks)
+    assert not any(isinstance(cb, WandbCallback) for cb in callbacks)

@@ -59,6 +59,12 @@ def test_metrics_fields(tiny_run) -> None:
         assert key in step, key
     assert step["consumed_samples"] == step["step"] * 16
     assert step["tokens_per_s"] > 0 and step["grad_norm"] > 0
+    for r in (r for r in records if "loss" in r):
+        assert r["consumed_samples"] == r["step"] * 16
+        assert r["tokens_per_s"] == pytest.approx(16 * 128 / r["step_time_s"], rel=1e-12)
+        # the batches of every step take some time to arrive, also after the evaluations
+        # at steps 20 and 40
+        assert 0 < r["data_wait_s"] < r["step_time_rank_s"], r
     # warmup (5 steps) then cosine decay to min_lr at the last step
     lrs = {r["step"]: r["lr"] for r in records if "lr" in r}
     assert lrs[5] == pytest.approx(3e-3) and lrs[60] == pytest.approx(3e-4)
@@ -105,3 +111,23 @@ def test_dry_run_prints_layout() -> None:
     assert proc.returncode == 0, proc.stderr
     assert "lr: 0.001" in proc.stdout
     assert "world=1 TP=1 PP=1 CP=1 EP=1 DP=1 microbatches=4" in proc.stdout
+
+
+def test_corrupt_tracker_is_a_checkpoint_error(tmp_path: Path) -> None:
+    """A checkpoint directory at fault is reported as such, not as a config mistake; the
+    run needs no data (synthetic tokens)."""
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "latest_checkpointed_iteration.txt").write_text("12 (copied by hand)\n")
+    proc = _train_cli(
+        "--config",
+        "configs/tiny.yaml",
+        "data.format=mock",
+        "model.vocab_size=2048",
+        f"data.tokenizer={tmp_path}/absent.model",
+        f"checkpoint.load={ckpt}",
+        "checkpoint.save=null",
+        f"logging.dir={tmp_path}/run",
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "checkpoint error: " in proc.stderr and "holds '12 (copied by hand)'" in proc.stderr

@@ -1,21 +1,26 @@
-"""Llama <-> Hugging Face LlamaForCausalLM: config fields and weight rules.
+"""The Llama block <-> Hugging Face: config fields and weight rules.
 
-The attention, embedding and norm rules here are shared by qwen2/ (QKV bias) and
-mixtral/ (expert MLP); see megatron_forge/convert/mapping.py for the layouts they encode.
+Llama (``LlamaForCausalLM``) is these rules as they are; qwen2/ adds the QKV bias and
+mixtral/ swaps the MLP for routed experts. See megatron_forge/models/mapping.py for the
+layouts they encode.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from megatron_forge.config import ModelConfig
-from megatron_forge.convert.files import ConvertError
-from megatron_forge.convert.mapping import Rule, head_dim, merge_qkv, pad_rows, qkv_rows, split_qkv
-
-ARCHITECTURE = "LlamaForCausalLM"
-MODEL_TYPE = "llama"
+from megatron_forge.errors import ConvertError
+from megatron_forge.models.mapping import (
+    Rule,
+    head_dim,
+    merge_gate_up,
+    merge_qkv,
+    pad_rows,
+    qkv_rows,
+    split_gate_up,
+    split_qkv,
+)
 
 QKV = "decoder.layers.self_attention.linear_qkv.weight"
 QKV_BIAS = "decoder.layers.self_attention.linear_qkv.bias"
@@ -30,18 +35,6 @@ OUTPUT = "output_layer.weight"
 
 
 # Config -----------------------------------------------------------------------------------------
-def hf_config(model: ModelConfig, vocab_size: int) -> dict[str, Any]:
-    """config.json architecture fields (token ids and dtype are added by the exporter)."""
-    return {
-        "architectures": [ARCHITECTURE],
-        "model_type": MODEL_TYPE,
-        **common_hf_config(model, vocab_size, model.ffn_hidden_size),
-        "attention_bias": False,
-        "mlp_bias": False,
-        "pretraining_tp": 1,
-    }
-
-
 def common_hf_config(model: ModelConfig, vocab_size: int, intermediate: int) -> dict[str, Any]:
     """Fields every Llama-block family writes the same way."""
     return {
@@ -107,23 +100,21 @@ def common_model_fields(hf: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def model_fields(hf: dict[str, Any]) -> dict[str, Any]:
-    for flag in ("attention_bias", "mlp_bias"):
-        if hf.get(flag):
-            raise ConvertError(f"{ARCHITECTURE} with {flag}=true is not supported")
-    return {"family": "llama", **common_model_fields(hf)}
-
-
 # Weights ----------------------------------------------------------------------------------------
-def rules(model: ModelConfig, vocab_size: int, padded_vocab: int) -> list[Rule]:
+def dense_rules(
+    model: ModelConfig, vocab_size: int, padded_vocab: int, qkv_bias: bool
+) -> list[Rule]:
+    """Every weight of a dense Llama-block model (with or without the QKV bias)."""
     layers = [
         r
         for layer in range(model.num_layers)
-        for r in (attention_rule(model, layer, qkv_bias=False), dense_mlp_rule(model, layer))
+        for r in (attention_rule(model, layer, qkv_bias), dense_mlp_rule(model, layer))
     ]
-    return [embedding_rule(model, vocab_size, padded_vocab), *layers] + final_rules(
-        model, vocab_size, padded_vocab
-    )
+    return [
+        embedding_rule(model, vocab_size, padded_vocab),
+        *layers,
+        *final_rules(model, vocab_size, padded_vocab),
+    ]
 
 
 def embedding_rule(model: ModelConfig, vocab_size: int, padded_vocab: int) -> Rule:
@@ -222,18 +213,18 @@ def dense_mlp_rule(model: ModelConfig, layer: int) -> Rule:
     }
 
     def to_hf(t: dict) -> dict:
-        gate, up = t[FC1].split(ffn)
+        gate, up = split_gate_up(t[FC1], ffn)
         return {
             names["norm"]: t[MLP_NORM],
-            names["gate"]: gate.contiguous(),
-            names["up"]: up.contiguous(),
+            names["gate"]: gate,
+            names["up"]: up,
             names["down"]: t[FC2],
         }
 
     def to_megatron(t: dict) -> dict:
         return {
             MLP_NORM: t[names["norm"]],
-            FC1: torch.cat([t[names["gate"]], t[names["up"]]]),
+            FC1: merge_gate_up(t[names["gate"]], t[names["up"]]),
             FC2: t[names["down"]],
         }
 

@@ -1,0 +1,58 @@
+"""Mixtral: the Llama block with a top-k routed SwiGLU expert MLP <-> MixtralForCausalLM."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from megatron_forge.config import ModelConfig
+from megatron_forge.errors import ConvertError
+from megatron_forge.models.llama import hf as llama
+from megatron_forge.models.mapping import Rule
+from megatron_forge.models.mixtral.hf import moe_rules
+from megatron_forge.models.mixtral.model import architecture
+from megatron_forge.models.registry import ModelFamily, Serving, register
+
+
+@register
+class Mixtral(ModelFamily):
+    name = "mixtral"
+    moe = True
+    hf_architecture = "MixtralForCausalLM"
+    hf_model_type = "mixtral"
+    serving = Serving(vllm=True, trtllm=True, trtllm_checkpoint=True)
+
+    def transformer_fields(self, model: ModelConfig) -> dict[str, Any]:
+        return architecture(model)
+
+    def hf_config(self, model: ModelConfig, vocab_size: int) -> dict[str, Any]:
+        return {
+            "architectures": [self.hf_architecture],
+            "model_type": self.hf_model_type,
+            **llama.common_hf_config(model, vocab_size, model.moe_ffn_hidden_size),
+            "num_local_experts": model.num_experts,
+            "num_experts_per_tok": model.moe_router_topk,
+            "router_aux_loss_coef": model.moe_aux_loss_coeff,
+            "output_router_logits": False,
+            "router_jitter_noise": 0.0,
+            "sliding_window": None,
+        }
+
+    def model_fields(self, config: dict[str, Any]) -> dict[str, Any]:
+        fields = llama.common_model_fields(config)
+        window = config.get("sliding_window")
+        if window and window < fields["max_position_embeddings"]:
+            raise ConvertError(
+                f"{self.hf_architecture} with sliding_window={window} is not supported "
+                "(full attention only)"
+            )
+        return {
+            "family": self.name,
+            **fields,
+            "num_experts": config["num_local_experts"],
+            "moe_router_topk": config["num_experts_per_tok"],
+            "moe_ffn_hidden_size": config["intermediate_size"],
+            "moe_aux_loss_coeff": config.get("router_aux_loss_coef", 0.01),
+        }
+
+    def weight_rules(self, model: ModelConfig, vocab_size: int, padded_vocab: int) -> list[Rule]:
+        return moe_rules(model, vocab_size, padded_vocab)

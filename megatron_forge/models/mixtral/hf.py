@@ -1,5 +1,5 @@
-"""Mixtral <-> Hugging Face MixtralForCausalLM (the hub's block_sparse_moe names, which
-vLLM, TensorRT-LLM and transformers 4.x and 5.x all read).
+"""Mixtral's weight rules for Hugging Face MixtralForCausalLM, under the hub's
+block_sparse_moe names, which vLLM, TensorRT-LLM and transformers 4.x and 5.x all read.
 
 megatron-core stores the experts of every layer stacked on a leading expert axis
 (``decoder.layers.mlp.experts.experts.linear_fc1.weight``: [layers, experts, 2*ffn, hidden],
@@ -9,56 +9,17 @@ whatever the EP layout); each expert's fc1 is [gate; up] = [w1; w3], fc2 is w2; 
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
-
 from megatron_forge.config import ModelConfig
-from megatron_forge.convert.files import ConvertError
-from megatron_forge.convert.mapping import Rule
 from megatron_forge.models.llama import hf as llama
-
-ARCHITECTURE = "MixtralForCausalLM"
-MODEL_TYPE = "mixtral"
+from megatron_forge.models.mapping import Rule, merge_gate_up, split_gate_up
 
 ROUTER = "decoder.layers.mlp.router.weight"
 EXPERT_FC1 = "decoder.layers.mlp.experts.experts.linear_fc1.weight"
 EXPERT_FC2 = "decoder.layers.mlp.experts.experts.linear_fc2.weight"
 
 
-def hf_config(model: ModelConfig, vocab_size: int) -> dict[str, Any]:
-    return {
-        "architectures": [ARCHITECTURE],
-        "model_type": MODEL_TYPE,
-        **llama.common_hf_config(model, vocab_size, model.moe_ffn_hidden_size),
-        "num_local_experts": model.num_experts,
-        "num_experts_per_tok": model.moe_router_topk,
-        "router_aux_loss_coef": model.moe_aux_loss_coeff,
-        "output_router_logits": False,
-        "router_jitter_noise": 0.0,
-        "sliding_window": None,
-    }
-
-
-def model_fields(hf: dict[str, Any]) -> dict[str, Any]:
-    fields = llama.common_model_fields(hf)
-    window = hf.get("sliding_window")
-    if window and window < fields["max_position_embeddings"]:
-        raise ConvertError(
-            f"{ARCHITECTURE} with sliding_window={hf['sliding_window']} is not supported "
-            "(full attention only)"
-        )
-    return {
-        "family": "mixtral",
-        **fields,
-        "num_experts": hf["num_local_experts"],
-        "moe_router_topk": hf["num_experts_per_tok"],
-        "moe_ffn_hidden_size": hf["intermediate_size"],
-        "moe_aux_loss_coeff": hf.get("router_aux_loss_coef", 0.01),
-    }
-
-
-def rules(model: ModelConfig, vocab_size: int, padded_vocab: int) -> list[Rule]:
+def moe_rules(model: ModelConfig, vocab_size: int, padded_vocab: int) -> list[Rule]:
+    """Every weight: Llama's attention, embedding and norms, a router and the experts."""
     out = [llama.embedding_rule(model, vocab_size, padded_vocab)]
     for layer in range(model.num_layers):
         out.append(llama.attention_rule(model, layer, qkv_bias=False))
@@ -89,16 +50,12 @@ def expert_rule(model: ModelConfig, layer: int, expert: int) -> Rule:
     hidden, ffn = model.hidden_size, model.moe_ffn_hidden_size
 
     def to_hf(t: dict) -> dict:
-        gate, up = t[EXPERT_FC1].split(ffn)
-        return {
-            p + "w1.weight": gate.contiguous(),
-            p + "w2.weight": t[EXPERT_FC2],
-            p + "w3.weight": up.contiguous(),
-        }
+        gate, up = split_gate_up(t[EXPERT_FC1], ffn)
+        return {p + "w1.weight": gate, p + "w2.weight": t[EXPERT_FC2], p + "w3.weight": up}
 
     def to_megatron(t: dict) -> dict:
         return {
-            EXPERT_FC1: torch.cat([t[p + "w1.weight"], t[p + "w3.weight"]]),
+            EXPERT_FC1: merge_gate_up(t[p + "w1.weight"], t[p + "w3.weight"]),
             EXPERT_FC2: t[p + "w2.weight"],
         }
 

@@ -17,25 +17,14 @@ in megatron-core):
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from types import ModuleType
 
 import torch
 
 from megatron_forge.config import ModelConfig
-from megatron_forge.convert.files import ConvertError
 
 Tensors = dict[str, torch.Tensor]
-
-# Family -> module with its HF mapping (ARCHITECTURE, MODEL_TYPE, hf_config, model_fields,
-# rules). Registered explicitly, like megatron_forge.models.build.FAMILIES.
-HF_MAPPINGS = {
-    "llama": "megatron_forge.models.llama.hf",
-    "qwen2": "megatron_forge.models.qwen2.hf",
-    "mixtral": "megatron_forge.models.mixtral.hf",
-}
 
 
 @dataclass(frozen=True)
@@ -52,23 +41,6 @@ class Rule:
     to_hf: Callable[[Tensors], Tensors]
     to_megatron: Callable[[Tensors], Tensors]
     index: tuple[int, ...] = ()
-
-
-def family_mapping(family: str) -> ModuleType:
-    if family not in HF_MAPPINGS:
-        raise ConvertError(
-            f"model family {family!r} has no Hugging Face mapping; known: {sorted(HF_MAPPINGS)}"
-        )
-    return importlib.import_module(HF_MAPPINGS[family])
-
-
-def family_for_architecture(architecture: str) -> str:
-    """The family whose HF mapping exports ``architecture`` (e.g. LlamaForCausalLM)."""
-    for family in HF_MAPPINGS:
-        if family_mapping(family).ARCHITECTURE == architecture:
-            return family
-    known = [family_mapping(f).ARCHITECTURE for f in HF_MAPPINGS]
-    raise ConvertError(f"unknown architecture {architecture!r}; supported: {known}")
 
 
 def head_dim(model: ModelConfig) -> int:
@@ -113,7 +85,19 @@ def qkv_rows(model: ModelConfig) -> int:
     return (model.num_attention_heads + 2 * model.num_query_groups) * head_dim(model)
 
 
-# Shapes checks --------------------------------------------------------------------------------
+# SwiGLU -----------------------------------------------------------------------------------------
+def split_gate_up(fc1: torch.Tensor, ffn: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """megatron's fused SwiGLU fc1 [gate; up] (2*ffn rows) -> HF's gate and up."""
+    gate, up = fc1.split(ffn)
+    return gate.contiguous(), up.contiguous()
+
+
+def merge_gate_up(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`split_gate_up`."""
+    return torch.cat([gate, up])
+
+
+# Shapes -----------------------------------------------------------------------------------------
 def stacked_shapes(rules: list[Rule], model: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Global shape of every megatron key the rules touch (leading layer/expert axes added)."""
     shapes: dict[str, tuple[int, ...]] = {}

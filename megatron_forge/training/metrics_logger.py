@@ -1,8 +1,8 @@
-"""Side concerns hook into the train loop through these named hooks, not ``if`` branches.
+"""Metrics of every logged step and evaluation in ``<logging.dir>/metrics.jsonl``, and the
+console line in Megatron-LM's format (readable in Slurm .out files).
 
-A callback overrides any of ``on_train_start``, ``on_step_end``, ``on_eval_end`` and
-``on_train_end``. Callbacks run in list order on every rank; those that write files
-decide themselves which rank writes.
+Global rank 0 writes: the trainer all-reduces the loss and the timing, so it holds every
+metric.
 """
 
 from __future__ import annotations
@@ -12,30 +12,11 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch.distributed as dist
+from megatron_forge.training.callback import Callback
+from megatron_forge.utils import is_rank0
 
 if TYPE_CHECKING:
-    from megatron_forge.config import Config
     from megatron_forge.training.trainer import Trainer
-
-
-def is_logging_rank() -> bool:
-    """Global rank 0 (the loss is all-reduced to every rank, so rank 0 has it)."""
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-class Callback:
-    def on_train_start(self, trainer: Trainer) -> None:
-        pass
-
-    def on_step_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
-        pass
-
-    def on_eval_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
-        pass
-
-    def on_train_end(self, trainer: Trainer) -> None:
-        pass
 
 
 class MetricsLogger(Callback):
@@ -48,7 +29,7 @@ class MetricsLogger(Callback):
         self.started = time.time()
 
     def _write(self, record: dict[str, Any]) -> None:
-        if not is_logging_rank():
+        if not is_rank0():
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as f:
@@ -59,7 +40,7 @@ class MetricsLogger(Callback):
         if step % self.log_interval and step != trainer.cfg.train.train_iters:
             return
         self._write(metrics)
-        if is_logging_rank():
+        if is_rank0():
             print(self.console_line(trainer, metrics), flush=True)
 
     @staticmethod
@@ -100,41 +81,9 @@ class MetricsLogger(Callback):
 
     def on_eval_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
         self._write(metrics)
-        if is_logging_rank():
+        if is_rank0():
             print(
                 f"validation at iteration {metrics['step']} | lm loss: "
                 f"{metrics['val_loss']:.6E} | lm loss PPL: {metrics['val_ppl']:.3f}",
                 flush=True,
             )
-
-
-def build_callbacks(cfg: Config) -> list[Callback]:
-    """The side concerns of a run, in hook order: the watchdog first (its clock), the
-    saver before the loggers (which report save time), throughput before the loggers (it
-    adds TFLOP/s and MFU to the metrics), preemption last (it exits)."""
-    from megatron_forge.checkpointing import Checkpointer, CheckpointSaver
-    from megatron_forge.monitoring.tensorboard import TensorBoardLogger
-    from megatron_forge.monitoring.throughput import ThroughputMonitor
-    from megatron_forge.monitoring.wandb_logger import WandbLogger
-    from megatron_forge.training.preemption import PreemptionHandler
-    from megatron_forge.training.watchdog import HangWatchdog
-
-    callbacks: list[Callback] = []
-    if cfg.train.hang_timeout_s:
-        callbacks.append(
-            HangWatchdog(cfg.logging.dir, cfg.train.hang_timeout_s, cfg.launch.max_requeues)
-        )
-    checkpointer = (
-        Checkpointer(cfg.checkpoint.save, cfg.checkpoint) if cfg.checkpoint.save else None
-    )
-    if checkpointer:
-        callbacks.append(CheckpointSaver(checkpointer))
-    lg = cfg.logging
-    callbacks.append(ThroughputMonitor(cfg))
-    callbacks.append(MetricsLogger(lg.dir, lg.log_interval))
-    if lg.wandb_project and lg.wandb_mode != "disabled":
-        callbacks.append(WandbLogger(cfg))
-    if lg.tensorboard:
-        callbacks.append(TensorBoardLogger(lg.dir, lg.log_interval))
-    callbacks.append(PreemptionHandler(checkpointer, cfg.launch.max_requeues))
-    return callbacks

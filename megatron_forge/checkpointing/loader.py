@@ -1,0 +1,94 @@
+"""Resuming: :func:`load_checkpoint` reads the newest complete checkpoint of a root into
+the parts it is given and returns the :class:`~.state.TrainState` to continue from.
+
+Resharding (load under another layout): TP, PP (with or without virtual pipeline), DP and
+EP may all change, for weights and optimizer state, because both are stored per global
+parameter. RNG states are restored only when the TP/PP/CP/DP layout is unchanged (they
+are per rank); otherwise a warning says they were reseeded from train.seed. Changing the
+model's shape, family or padded vocabulary is refused by dist_checkpointing's shape
+validation, naming the tensor.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from megatron_forge.checkpointing.directory import TRACKER, iteration_dir, latest_iteration
+from megatron_forge.checkpointing.state import (
+    TrainState,
+    callback_states,
+    model_keys,
+    parallel_layout,
+    set_rng_state,
+    sharded_state,
+    untie_adam_steps,
+)
+from megatron_forge.config import CheckpointConfig
+from megatron_forge.errors import CheckpointError
+from megatron_forge.utils import is_rank0
+
+
+def _warn(message: str) -> None:
+    if is_rank0():
+        print(f"WARNING: {message}", file=sys.stderr, flush=True)
+
+
+def load_checkpoint(
+    root: str | Path,
+    model_chunks: list[Any],
+    optimizer: Any,
+    scheduler: Any,
+    ckpt_cfg: CheckpointConfig,
+) -> TrainState:
+    """Load the latest checkpoint under ``root`` into the model chunks (and, per
+    ``ckpt_cfg``, the optimizer, scheduler and RNG states); return the state to resume
+    from. Its step is 0 when only weights are loaded, or when a run that saves into
+    ``root`` has not saved yet (the first job of one that resumes itself)."""
+    from megatron.core import dist_checkpointing
+
+    iteration = latest_iteration(root)
+    if iteration is None:
+        save = ckpt_cfg.save
+        resumes_itself = save is not None and Path(root).resolve() == Path(save).resolve()
+        if not resumes_itself and not Path(root).is_dir():
+            raise CheckpointError(
+                f"checkpoint.load={root} does not exist; point it at a directory holding "
+                f"{TRACKER} (or leave it unset to start from scratch)"
+            )
+        return TrainState()
+    path = iteration_dir(root, iteration)
+    if not path.is_dir():
+        raise CheckpointError(
+            f"{Path(root) / TRACKER} names iteration {iteration} but {path} is missing; "
+            "point the tracker at a complete iter_ directory"
+        )
+    common = dist_checkpointing.load_common_state_dict(str(path))
+    with_optimizer = ckpt_cfg.load_optimizer and common.get("has_optimizer", True)
+    saved_layout, layout = common.get("layout", {}), parallel_layout()
+    # RNG states are per (PP, TP, CP, DP) rank; EP does not change that grid.
+    same_layout = all(
+        saved_layout.get(k) == layout[k] for k in ("pipeline", "tensor", "context", "data")
+    )
+    with_rng = ckpt_cfg.load_rng and with_optimizer and same_layout
+    if ckpt_cfg.load_rng and with_optimizer and not same_layout:
+        _warn(
+            f"{path} was saved under layout {common.get('layout')}, this run is "
+            f"{layout}: RNG states are not restored (reseeded from train.seed)"
+        )
+    sharded = sharded_state(model_chunks, optimizer, with_optimizer, with_rng, is_loading=True)
+    state = dist_checkpointing.load(sharded, str(path))
+    for key, chunk in zip(model_keys(model_chunks), model_chunks):
+        chunk.module.load_state_dict(state[key])
+    resumed = TrainState(callbacks=callback_states(common))
+    if not with_optimizer:
+        return resumed
+    optimizer.load_state_dict(state["optimizer"])
+    untie_adam_steps(optimizer)
+    scheduler.load_state_dict(state["scheduler"])
+    if with_rng:
+        set_rng_state(state["rng_state"])
+    resumed.step = int(common["iteration"])
+    resumed.consumed_samples = int(common["consumed_samples"])
+    return resumed

@@ -1,0 +1,105 @@
+"""Callbacks that bind :mod:`megatron_forge.monitoring` to the train loop: throughput and
+MFU into each step's metrics, and the W&B and TensorBoard dashboards."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Optional
+
+from megatron_forge.config import Config
+from megatron_forge.monitoring.dashboard import is_log_step
+from megatron_forge.monitoring.tensorboard import TensorBoardLogger
+from megatron_forge.monitoring.throughput import ThroughputMonitor
+from megatron_forge.monitoring.wandb_logger import WandbLogger
+from megatron_forge.training.callback import Callback
+
+if TYPE_CHECKING:
+    from megatron_forge.training.trainer import Trainer
+
+
+class ThroughputCallback(Callback):
+    """Adds ``tflops_per_gpu`` and ``mfu`` to each step's metrics; runs before the loggers."""
+
+    def __init__(self, cfg: Config, device_name: Optional[str] = None) -> None:
+        self.cfg = cfg
+        self.device_name = device_name
+        self.monitor: Optional[ThroughputMonitor] = None
+
+    def _monitor(self, trainer: Trainer) -> ThroughputMonitor:
+        if self.monitor is None:
+            vocab = self.cfg.model.vocab_size or trainer.tokenizer.vocab_size
+            self.monitor = ThroughputMonitor(self.cfg, vocab, self.device_name)
+            self.monitor.announce()
+        return self.monitor
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        self._monitor(trainer)
+
+    def on_step_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+        self._monitor(trainer).add_to(metrics)
+
+
+class WandbCallback(Callback):
+    """Logs each logged step's metrics and every evaluation to W&B; its run id is resumable
+    state, so a resumed or requeued job continues the same W&B run."""
+
+    state_key = "wandb"
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.logger = WandbLogger(cfg)
+        self.failed = False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"run_id": self.logger.run_id} if self.logger.run_id else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.logger.run_id = state.get("run_id")
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        self.logger.start(trainer.world_size)
+
+    def on_step_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+        t = trainer.cfg.train
+        if is_log_step(metrics["step"], self.cfg.logging.log_interval, t.train_iters):
+            self.logger.log(metrics)
+
+    def on_eval_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+        self.logger.start(trainer.world_size)  # evaluation-only runs have no train start
+        self.logger.log(metrics)
+
+    def on_error(self, trainer: Trainer, error: BaseException) -> None:
+        self.failed = True
+
+    def close(self, trainer: Trainer) -> None:
+        self.logger.finish(exit_code=1 if self.failed else None)
+
+
+class TensorBoardCallback(Callback):
+    """Writes the logged steps and evaluations to ``<logging.dir>/tensorboard``."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.log_interval = cfg.logging.log_interval
+        self.logger = TensorBoardLogger(cfg.logging.dir)
+        self.opened = False
+
+    def _open(self, trainer: Trainer) -> None:
+        if not self.opened:  # on the first hook: evaluation-only runs have no train start
+            self.logger.open(trainer.step, trainer.cfg.to_yaml())
+            self.opened = True
+
+    def _log(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+        self._open(trainer)
+        self.logger.log(metrics)
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        self._open(trainer)
+
+    def on_step_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+        if is_log_step(metrics["step"], self.log_interval, trainer.cfg.train.train_iters):
+            self._log(trainer, metrics)
+
+    def on_eval_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+        self._log(trainer, metrics)
+
+    def close(self, trainer: Trainer) -> None:
+        self.logger.close()
