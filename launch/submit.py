@@ -123,9 +123,13 @@ def time_minutes(limit: str) -> int:
 
 
 def validate_for_target(cfg: Config, args: argparse.Namespace) -> None:
-    """Check the layout against the world the job will have, on the hardware that runs it:
-    this machine with --local, else the cluster's nodes (GPUs unless --cpu; whether
-    Transformer Engine imports there is checked again by the training processes)."""
+    """Check the model against its family's rules, and the layout against the world the job
+    will have, on the hardware that runs it: this machine with --local, else the cluster's
+    nodes (GPUs unless --cpu; whether Transformer Engine imports there is checked again by
+    the training processes)."""
+    from megatron_forge.models import check_model_config
+
+    check_model_config(cfg.model)
     world_size = cfg.launch.world_size
     if args.local:
         validate_for_world(cfg, world_size)

@@ -117,6 +117,7 @@ def test_bad_layout_is_refused_before_submitting(
     [
         (["--config", "configs/missing.yaml"], "config file configs/missing.yaml does not exist"),
         (["--config", TINY, "train.lr=oops"], "train.lr='oops' must be a number"),
+        (["--config", TINY, "model.family=gpt"], "model.family='gpt' is not a registered family"),
         (["--config", TINY, "--gpus-per-node", "2", "--time", "soon"], "launch.time='soon'"),
         (["--config", LLAMA_7B, "--local"], "needs Transformer Engine"),  # this CPU machine
     ],
