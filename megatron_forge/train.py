@@ -64,6 +64,15 @@ def build_callbacks(cfg: Config) -> list[Callback]:
     return callbacks
 
 
+def validate(cfg: Config, world_size: int) -> None:
+    """Everything checkable before a process group or a tensor exists: the model family's
+    rules (the family registry) and the layout against the world and this machine."""
+    from megatron_forge.models import check_model_config
+
+    check_model_config(cfg.model)
+    validate_for_world(cfg, world_size)
+
+
 def run(cfg: Config) -> None:
     """Train with this process's share of the world described by the environment."""
     from megatron_forge import distributed
@@ -72,7 +81,7 @@ def run(cfg: Config) -> None:
     from megatron_forge.utils import is_rank0
 
     env = distributed.read_environment()
-    validate_for_world(cfg, env.world_size)  # before any process group or allocation
+    validate(cfg, env.world_size)  # before any process group or allocation
     check_data_paths(cfg)
     distributed.initialize(cfg, env)
     if is_rank0():
@@ -92,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             from megatron_forge import distributed
 
             world = distributed.read_environment().world_size
-            validate_for_world(cfg, world)
+            validate(cfg, world)
             print(cfg.to_yaml())
             print(f"world={world} {cfg.describe_layout(world)}")
             return 0

@@ -41,7 +41,9 @@ def imported(path: Path, name: str, known: set[str]) -> set[str]:
                 anchor = anchor[: len(anchor) - (node.level - 1)]
                 base = ".".join(anchor + ([base] if base else []))
             # `from pkg import sub` imports the submodule pkg.sub when there is one.
-            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names]
+            targets = [
+                f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names
+            ]
         else:
             continue
         for target in targets:
@@ -149,8 +151,14 @@ def test_peers_do_not_import_each_other_across_training_and_convert() -> None:
         for dst in targets
         if (src.startswith("megatron_forge.convert") and dst.startswith("megatron_forge.training"))
         or (src.startswith("megatron_forge.training") and dst.startswith("megatron_forge.convert"))
-        or (src.startswith("megatron_forge.checkpointing") and dst.startswith("megatron_forge.monitoring"))
-        or (src.startswith("megatron_forge.monitoring") and dst.startswith("megatron_forge.checkpointing"))
+        or (
+            src.startswith("megatron_forge.checkpointing")
+            and dst.startswith("megatron_forge.monitoring")
+        )
+        or (
+            src.startswith("megatron_forge.monitoring")
+            and dst.startswith("megatron_forge.checkpointing")
+        )
     ]
     assert not crossing, "\n".join(crossing)
 

@@ -43,7 +43,7 @@ def load_checkpoint(
     ckpt_cfg: CheckpointConfig,
 ) -> TrainState:
     """Load the latest checkpoint under ``root`` into the model chunks (and, per
-    ``ckpt_cfg``, the optimizer, scheduler and RNG states); return the state to resume
+    ``ckpt_cfg``, the optimizer, scheduler, RNG and callback states); return the state to resume
     from. Its step is 0 when only weights are loaded, or when a run that saves into
     ``root`` has not saved yet (the first job of one that resumes itself)."""
     from megatron.core import dist_checkpointing
@@ -81,9 +81,11 @@ def load_checkpoint(
     state = dist_checkpointing.load(sharded, str(path))
     for key, chunk in zip(model_keys(model_chunks), model_chunks):
         chunk.module.load_state_dict(state[key])
-    resumed = TrainState(callbacks=callback_states(common))
     if not with_optimizer:
-        return resumed
+        # Weights only: a new run from these weights (fine-tuning, a changed recipe), so
+        # callbacks start afresh too (e.g. a new W&B run rather than the old one's id).
+        return TrainState()
+    resumed = TrainState(callbacks=callback_states(common))
     optimizer.load_state_dict(state["optimizer"])
     untie_adam_steps(optimizer)
     scheduler.load_state_dict(state["scheduler"])

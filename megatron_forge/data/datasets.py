@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from megatron_forge.config import Config, ConfigError
+from megatron_forge.errors import DataError
 from megatron_forge.data.webdataset import (
     WebDatasetSplit,
     build_webdatasets,
@@ -82,7 +83,7 @@ def load_run_tokenizer(cfg: Config) -> Any:
     try:
         return load_tokenizer(cfg.data.tokenizer)
     except (TokenizerLoadError, MissingSpecialTokenError) as err:
-        raise ConfigError(f"data.tokenizer: {err}") from None
+        raise DataError(f"data.tokenizer: {err}") from None
 
 
 def check_data_paths(cfg: Config) -> None:
@@ -112,14 +113,14 @@ def _check_prefixes(prefixes: list[str], where: str = "data.blend") -> None:
     for prefix in prefixes:
         for suffix in (".bin", ".idx"):
             if not Path(prefix + suffix).is_file():
-                raise ConfigError(
+                raise DataError(
                     f"{where}: {prefix}{suffix} does not exist; {where} lists prefixes "
                     "written by tools/preprocess_data.py (e.g. out/corpus_text_document)"
                 )
         try:
             check_indexed_dataset(prefix)
         except IndexedDatasetError as err:
-            raise ConfigError(f"{where}: {err}") from None
+            raise DataError(f"{where}: {err}") from None
 
 
 def _split_sizes(cfg: Config) -> list[int]:

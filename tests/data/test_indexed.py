@@ -144,7 +144,7 @@ def test_training_reports_the_broken_file(
     good_prefix: Path, spm_model: Path, tmp_path: Path
 ) -> None:
     """Both checks the trainer runs (before process groups, and when building datasets)
-    raise a ConfigError naming the file, instead of megatron-core crashing mid-run."""
+    raise a DataError naming the file, instead of megatron-core crashing mid-run."""
     cfg = load_config(
         None,
         [
@@ -156,7 +156,7 @@ def test_training_reports_the_broken_file(
     )
     size = truncate(Path(f"{good_prefix}.bin"), 2)
     expected = f"data.blend: {good_prefix}.bin is {size} bytes but {good_prefix}.idx describes"
-    with pytest.raises(ConfigError, match=re.escape(expected)):
+    with pytest.raises(DataError, match=re.escape(expected)):
         check_data_paths(cfg)
-    with pytest.raises(ConfigError, match=re.escape(expected)):
+    with pytest.raises(DataError, match=re.escape(expected)):
         build_datasets(cfg, load_tokenizer(spm_model))
