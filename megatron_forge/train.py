@@ -10,12 +10,14 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 from megatron_forge.config import Config, load_config, validate_for_world
-from megatron_forge.errors import ForgeError
+from megatron_forge.errors import CheckpointError, ConfigError, ForgeError
 
 if TYPE_CHECKING:
+    from megatron_forge.checkpointing.lock import DirectoryLock
+    from megatron_forge.checkpointing.ownership import Claim
     from megatron_forge.training.callback import Callback
 
 
@@ -73,6 +75,46 @@ def validate(cfg: Config, world_size: int) -> None:
     validate_for_world(cfg, world_size)
 
 
+def claim_directories(cfg: Config, held: list[DirectoryLock]) -> None:
+    """Before anything is built, on global rank 0 (every rank raises its refusal): the
+    checkpoint to load exists and is unambiguous; this run may write into checkpoint.save
+    (:mod:`megatron_forge.checkpointing.ownership`); no other live run writes into
+    logging.dir or checkpoint.save (their locks, appended to ``held`` for the life of the
+    run). A refusal writes nothing into another run's directory."""
+    from megatron_forge.checkpointing.collective import on_rank0
+    from megatron_forge.checkpointing.loader import iteration_to_load
+    from megatron_forge.checkpointing.lock import DirectoryLock
+    from megatron_forge.checkpointing.ownership import apply_claim, config_hash, plan_claim
+
+    ck = cfg.checkpoint
+    digest = config_hash(cfg.to_dict())
+
+    def plan() -> Optional[Claim]:
+        if ck.save:
+            return plan_claim(
+                ck.save, ck.load, digest, ck.overwrite, ck.load_iteration, ck.load_optimizer
+            )
+        return None
+
+    def claim() -> None:
+        if ck.load:
+            iteration_to_load(ck.load, ck)
+        plan()  # refuse before touching anything, the locks included
+        directories = [("logging.dir", Path(cfg.logging.dir), ConfigError)]
+        if ck.save and Path(ck.save).resolve() != Path(cfg.logging.dir).resolve():
+            directories.append(("checkpoint.save", Path(ck.save), CheckpointError))
+        for name, directory, error in directories:
+            lock = DirectoryLock(directory, name, error).acquire()
+            held.append(lock)
+            if lock.warning:
+                print(f"WARNING: {lock.warning}", file=sys.stderr, flush=True)
+        decided = plan()  # again, now that no other run can change the directory
+        if decided is not None:
+            apply_claim(decided)
+
+    on_rank0(claim)
+
+
 def run(cfg: Config) -> None:
     """Train with this process's share of the world described by the environment."""
     from megatron_forge import distributed
@@ -84,12 +126,15 @@ def run(cfg: Config) -> None:
     validate(cfg, env.world_size)  # before any process group or allocation
     check_data_paths(cfg)
     distributed.initialize(cfg, env)
-    if is_rank0():
-        Path(cfg.logging.dir).mkdir(parents=True, exist_ok=True)
-        (Path(cfg.logging.dir) / "config.yaml").write_text(cfg.to_yaml())
+    held: list[DirectoryLock] = []
     try:
+        claim_directories(cfg, held)
+        if is_rank0():
+            (Path(cfg.logging.dir) / "config.yaml").write_text(cfg.to_yaml())
         Trainer(cfg, env.world_size, build_callbacks(cfg)).train()
     finally:
+        for lock in reversed(held):
+            lock.release()
         distributed.shutdown()
 
 

@@ -10,6 +10,7 @@ from megatron_forge.config import ConfigError, load_config
 from megatron_forge.models import check_model_config
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+TINY = Path(__file__).parents[1] / "configs" / "tiny.yaml"
 
 
 def _cfg(*overrides: str):
@@ -248,3 +249,98 @@ def test_time_must_be_a_quoted_slurm_limit() -> None:
     with pytest.raises(ConfigError, match=r"launch.time='4h' is not a Slurm time limit"):
         _cfg('launch.time="4h"')
     assert _cfg('launch.time="1-12:00:00"').launch.time == "1-12:00:00"
+
+
+def test_override_with_bad_yaml_names_the_override() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(TINY, ["train.lr=[1,"])
+    assert str(err.value) == (
+        "command-line override 'train.lr=[1,': the value '[1,' is not valid YAML (expected the "
+        "node content, but found '<stream end>' at column 4); close its brackets and quotes "
+        "(e.g. data.blend=[a, b]), or quote a string value for YAML inside the shell's quotes "
+        "(e.g. 'logging.dir=\"a: b\"')"
+    )
+    with pytest.raises(ConfigError, match=r"^command-line override 'logging.dir=\"a': the value"):
+        _cfg('logging.dir="a')
+
+
+def test_unknown_override_names_the_command_line_not_the_file() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(TINY, ["train.lrr=1"])
+    assert str(err.value) == (
+        "command-line override 'train.lrr=1': unknown key 'train.lrr'; did you mean 'lr'?"
+    )
+    with pytest.raises(ConfigError) as err:
+        load_config(TINY, ["tran.lr=1"])
+    assert str(err.value) == (
+        "command-line override 'tran.lr=1': unknown section 'tran'; did you mean 'train'?"
+    )
+    with pytest.raises(ConfigError, match=r"^command-line override 'lr=1' must look like"):
+        load_config(TINY, ["lr=1"])
+    # A bad value names the file it was merged into and the override that set it.
+    with pytest.raises(ConfigError) as err:
+        load_config(TINY, ["data.full_check=maybe", "train.lr=1e-3"])
+    assert str(err.value) == (
+        f"{TINY} with command-line override 'data.full_check=maybe': "
+        "data.full_check='maybe' must be true or false"
+    )
+
+
+def test_rule_broken_by_an_override_names_file_and_override(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  lr: 1.0e-3\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["train.min_lr=0.01", "model.num_layers=4"])
+    assert str(err.value) == (
+        f"{path} with command-line override 'train.min_lr=0.01': train.min_lr=0.01 is above "
+        "train.lr=0.001; min_lr must be in [0, train.lr]"
+    )
+    path.write_text("train:\n  lr: .nan\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["model.num_layers=4"])  # not named: the file's value is at fault
+    assert str(err.value) == (
+        f"{path}: train.lr=nan must be a finite number >= 0 (default: 0.0003)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("override", "shown"),
+    [
+        ("train.lr=nan", "train.lr=nan"),
+        ("train.lr=.nan", "train.lr=nan"),
+        ("train.lr=-1e-4", "train.lr=-0.0001"),
+        ("train.lr=inf", "train.lr=inf"),
+        ("train.lr=1e400", "train.lr=inf"),  # YAML reads it as a float that overflows
+        ("train.min_lr=nan", "train.min_lr=nan"),
+        ("train.min_lr=-1", "train.min_lr=-1.0"),
+        ("train.weight_decay=nan", "train.weight_decay=nan"),
+        ("train.adam_eps=-1e-8", "train.adam_eps=-1e-08"),
+        ("train.clip_grad=inf", "train.clip_grad=inf"),
+    ],
+)
+def test_bad_float_fields_name_the_field(override: str, shown: str) -> None:
+    name = shown.split("=")[0].split(".")[1]
+    default = {"lr": 0.0003, "min_lr": 3e-05, "weight_decay": 0.1, "adam_eps": 1e-08}
+    default["clip_grad"] = 1.0
+    expected = f"{shown} must be a finite number >= 0 (default: {default[name]})"
+    with pytest.raises(ConfigError) as err:
+        _cfg(override)
+    assert str(err.value) == expected
+    with pytest.raises(ConfigError) as err:
+        load_config(TINY, [override])
+    assert str(err.value) == f"{TINY} with command-line override {override!r}: {expected}"
+
+
+def test_adam_betas_in_unit_interval() -> None:
+    with pytest.raises(ConfigError) as err:
+        _cfg("train.adam_beta2=1")
+    assert str(err.value) == "train.adam_beta2=1.0 must be in [0, 1) (default: 0.95)"
+    with pytest.raises(ConfigError, match=r"train.adam_beta1=nan must be in \[0, 1\)"):
+        _cfg("train.adam_beta1=nan")
+    cfg = _cfg("train.lr=0", "train.min_lr=0", "train.clip_grad=0", "train.weight_decay=0")
+    assert cfg.train.lr == 0.0 and cfg.train.clip_grad == 0.0
+
+
+def test_data_full_check_defaults_off() -> None:
+    assert _cfg().data.full_check is False
+    assert _cfg("data.full_check=true").data.full_check is True

@@ -6,11 +6,14 @@
 
 CKPT_DIR is a ``checkpoint.save`` directory (``iter_NNNNNNN/`` +
 ``latest_checkpointed_iteration.txt``) or one ``iter_NNNNNNN`` directory. Needs no GPU and
-no process group: metadata comes from torch.distributed.checkpoint's reader, the config
-and layout from the checkpoint's common state. ``--verify`` checks that the files the
-metadata names exist and are long enough, then loads every tensor one at a time (memory
-stays at one tensor) and checks it is finite. Exit status 0: complete and readable;
-1: a problem, each one printed.
+no process group. Safe on a checkpoint from anywhere: its pickles (common.pt, .metadata,
+the objects in the shards) are read with an allowlist of types, so a file that would run
+code is reported, not loaded (megatron_forge/checkpointing/files.py).
+
+Always checked: the tracker, that the save finished, that every shard file the metadata
+names exists and is long enough, that the pickles load. ``--verify`` also loads every
+tensor, one at a time (memory stays at one tensor), and checks it is finite. Exit status
+0: complete and readable; 1: a problem, each one printed on a ``PROBLEM:`` line.
 """
 
 from __future__ import annotations
@@ -19,61 +22,86 @@ import argparse
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
 
-import torch
-from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-with warnings.catch_warnings():  # megatron-core's import-time note: no TE or apex here
-    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
-    from megatron_forge.checkpointing import (
-        TRACKER,
-        iteration_dir,
-        latest_iteration,
-        saved_iterations,
-    )
+from megatron_forge.checkpointing import (
+    TRACKER,
+    iteration_dir,
+    latest_iteration,
+    saved_iterations,
+)
+from megatron_forge.checkpointing.files import (
+    SAVE_CONFIG,
+    load_common_state,
+    load_metadata,
+    verify_iteration,
+)
+from megatron_forge.errors import CheckpointError, ForgeError
 
-# torch.distributed.checkpoint's note on every load without a process group: the intent here.
+# torch.distributed.checkpoint's note on every load without a process group: the intent
+# here; megatron-core's on import (of its list of safe types) that TE and apex are absent.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+
+HINT = (
+    "hint: each PROBLEM names the file at fault; copy a damaged file again from where the "
+    "checkpoint was written, or use another iteration (--iteration N)"
+)
 
 
-def resolve(path: Path, iteration: int | None) -> tuple[Path, Path | None, int | None]:
-    """(iteration directory, save root, iteration) for a save root; (path, None, None) for
-    one iter_ directory."""
-    if path.name.startswith("iter_") and path.is_dir():
-        return path, None, None
-    if iteration is None:
-        iteration = latest_iteration(path)
-        if iteration is None:
-            found = saved_iterations(path)
-            if not found:
-                raise SystemExit(f"{path}: no {TRACKER} and no iter_* directories")
-            iteration = found[-1]
-    target = iteration_dir(path, iteration)
-    if not target.is_dir():
-        raise SystemExit(f"{target} does not exist (iterations: {saved_iterations(path)})")
-    return target, path, iteration
-
-
-def list_iterations(root: Path) -> None:
-    latest = latest_iteration(root)
-    print(f"{root}: tracker -> {latest if latest is not None else 'none'}")
+def list_iterations(root: Path) -> tuple[int | None, list[str]]:
+    """Print the tracker and every iter_ directory; return (tracker's iteration, problems)."""
+    problems = []
+    try:
+        latest = latest_iteration(root)
+        shown = str(latest) if latest is not None else "none"
+    except CheckpointError as err:
+        latest, shown = None, "UNREADABLE"
+        problems.append(str(err))
+    print(f"{root}: tracker -> {shown}")
     for it in saved_iterations(root):
         directory = iteration_dir(root, it)
-        state = "complete" if (directory / "metadata.json").is_file() else "INCOMPLETE"
+        state = "complete" if (directory / SAVE_CONFIG).is_file() else "INCOMPLETE"
         if latest is not None and it > latest:
             state += " (newer than the tracker: an interrupted save)"
         size = sum(f.stat().st_size for f in directory.iterdir() if f.is_file())
         print(f"  iter_{it:07d}  {size / 2**20:9.1f} MiB  {state}")
+    return latest, problems
 
 
-def common_state(directory: Path) -> dict[str, Any]:
-    return torch.load(directory / "common.pt", map_location="cpu", weights_only=False)
+def choose(root: Path, iteration: int | None, latest: int | None) -> tuple[Path, list[str]]:
+    """The iteration directory to inspect: ``iteration``, else the tracker's, else (no
+    readable tracker) the newest iter_ directory; and the problems found on the way."""
+    found = saved_iterations(root)
+    if iteration is not None:
+        if iteration not in found:
+            raise CheckpointError(
+                f"{iteration_dir(root, iteration)} does not exist (iterations: {found or 'none'})"
+            )
+        problems = []
+        if latest is not None and iteration > latest:
+            problems.append(
+                f"{iteration_dir(root, iteration)} is newer than {root / TRACKER}: "
+                "not a finished save"
+            )
+        return iteration_dir(root, iteration), problems
+    if latest is not None and latest in found:
+        return iteration_dir(root, latest), []
+    if not found:
+        raise CheckpointError(f"{root}: no {TRACKER} and no iter_* directories")
+    problems = []
+    if latest is not None:
+        problems.append(
+            f"{root / TRACKER} names iteration {latest} but {iteration_dir(root, latest)} is "
+            "missing; point the tracker at a complete iter_ directory"
+        )
+    print(f"  inspecting the newest directory, iter_{found[-1]:07d}")
+    return iteration_dir(root, found[-1]), problems
 
 
 def summarize(directory: Path, show_tensors: bool) -> None:
-    common = common_state(directory)
+    common = load_common_state(directory)
     cfg = common.get("config", {})
     model = cfg.get("model", {})
     print(
@@ -88,7 +116,7 @@ def summarize(directory: Path, show_tensors: bool) -> None:
         )
     if "layout" in common:
         print("  saved under layout: " + " ".join(f"{k}={v}" for k, v in common["layout"].items()))
-    metadata = FileSystemReader(str(directory)).read_metadata()
+    metadata = load_metadata(directory)
     tensors = {
         k: v
         for k, v in metadata.state_dict_metadata.items()
@@ -101,45 +129,22 @@ def summarize(directory: Path, show_tensors: bool) -> None:
             print(f"    {key:70s} {str(tuple(meta.size)):24s} {meta.properties.dtype}")
 
 
-def verify(directory: Path, root: Path | None, iteration: int | None) -> list[str]:
-    """Problems found (empty when complete and readable); `iteration` of `root` when given."""
-    problems = []
-    if not (directory / "metadata.json").is_file():
-        problems.append(f"{directory}/metadata.json missing: the save did not finish")
-    if not (directory / ".metadata").is_file():
-        return problems + [f"{directory}/.metadata missing: no tensors were written"]
-    if root is not None:
-        latest = latest_iteration(root)
-        if latest is None or iteration > latest:
-            problems.append(f"{directory} is newer than {root / TRACKER}: not a finished save")
-    reader = FileSystemReader(str(directory))
-    metadata = reader.read_metadata()
-    ends: dict[str, int] = {}
-    for info in metadata.storage_data.values():
-        ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
-    for name, end in sorted(ends.items()):
-        path = directory / name
-        if not path.is_file():
-            problems.append(f"{path} missing")
-        elif path.stat().st_size < end:
-            problems.append(f"{path} is truncated: {path.stat().st_size} bytes, needs {end}")
-    if problems:
-        return problems
+def inspect(path: Path, iteration: int | None, show_tensors: bool, verify: bool) -> list[str]:
+    """Print what the checkpoint holds; return its problems."""
+    problems: list[str] = []
+    if path.name.startswith("iter_") and path.is_dir():
+        directory = path
+    else:
+        if not path.is_dir():
+            raise CheckpointError(f"{path} is not a directory")
+        latest, problems = list_iterations(path)
+        directory, found = choose(path, iteration, latest)
+        problems += found
     try:
-        common_state(directory)
-    except Exception as err:  # noqa: BLE001 - report whatever the file's problem is
-        problems.append(f"{directory}/common.pt unreadable: {err}")
-    for key, meta in metadata.state_dict_metadata.items():
-        if not isinstance(meta, TensorStorageMetadata):
-            continue
-        tensor = torch.empty(meta.size, dtype=meta.properties.dtype)
-        try:
-            torch.distributed.checkpoint.load({key: tensor}, storage_reader=reader, no_dist=True)
-        except Exception as err:  # noqa: BLE001
-            problems.append(f"{key}: unreadable ({type(err).__name__}: {err})")
-            continue
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            problems.append(f"{key}: holds NaN or Inf")
+        summarize(directory, show_tensors)
+    except CheckpointError as err:
+        problems.append(str(err))
+    problems += [p for p in verify_iteration(directory, read_tensors=verify) if p not in problems]
     return problems
 
 
@@ -150,23 +155,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tensors", action="store_true", help="list tensor names and shapes")
     parser.add_argument("--verify", action="store_true", help="read every tensor back")
     args = parser.parse_args(argv)
-    if not args.path.exists():
-        print(f"{args.path} does not exist", file=sys.stderr)
+    try:
+        problems = inspect(args.path, args.iteration, args.tensors, args.verify)
+    except (ForgeError, OSError) as err:
+        print(f"{getattr(err, 'kind', 'error')}: {err}", file=sys.stderr)
         return 1
-    directory, root, iteration = resolve(args.path, args.iteration)
-    if root is not None:
-        list_iterations(root)
-    summarize(directory, args.tensors)
-    if not args.verify:
-        return 0
-    problems = verify(directory, root, iteration)
     for problem in problems:
         print(f"PROBLEM: {problem}")
-    print(
-        "verify: OK, complete and readable"
-        if not problems
-        else f"verify: {len(problems)} problem(s)"
-    )
+    if args.verify:
+        print("verify: FAILED" if problems else "verify: OK, complete and readable")
+    elif problems:
+        print("check: FAILED (--verify also reads every tensor back)")
+    if problems:
+        print(HINT)
     return 1 if problems else 0
 
 

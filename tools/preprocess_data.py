@@ -26,7 +26,9 @@ Safety: outputs are written under temporary names and renamed only when every fi
 complete; existing outputs are kept unless `--overwrite`. A malformed record stops the run
 with `file:line: reason` (`file:row N: reason` for parquet) unless `--skip-bad-records`;
 documents that are empty or only whitespace are skipped and counted. A parquet file without
-a requested column stops the run in any case.
+a requested column stops the run in any case, and so does an input without a single
+document to write (nothing is written then, and existing outputs are kept, even with
+`--overwrite`).
 
 Usage:
     python tools/preprocess_data.py --input corpus.jsonl --output-prefix data/sample \\
@@ -293,6 +295,27 @@ def load_checked_tokenizer(path: str, append_eod: bool, backend: str = "native")
     return tokenizer
 
 
+def check_not_empty(args: argparse.Namespace, stats: Stats) -> None:
+    """Refuse to write a dataset without tokens (training could not use it): raise DataError
+    naming the input and what was skipped. Nothing is written; existing outputs are kept."""
+    for key in args.json_keys:
+        if stats.num_tokens[key]:
+            continue
+        docs, empty, bad = stats.num_docs[key], stats.num_empty[key], stats.num_bad
+        if docs:
+            found = f"its {docs} documents under key {key!r} tokenize to no tokens"
+        elif empty or bad:
+            skipped = [f"{empty} empty or whitespace-only"] if empty else []
+            skipped += [f"{bad} bad records skipped"] if bad else []
+            found = f"no documents under key {key!r}, only " + " and ".join(skipped)
+        else:
+            found = "no records (the files are empty)"
+        raise DataError(
+            f"--input {args.input}: {found}; {output_prefix(args.output_prefix, key)}.bin/.idx "
+            "not written (existing files are kept)"
+        )
+
+
 def preprocess(args: argparse.Namespace) -> Stats:
     """Run the whole job; raise DataError (bad records, inputs, tokenizer), FileExistsError,
     ... on misuse."""
@@ -323,6 +346,7 @@ def preprocess(args: argparse.Namespace) -> Stats:
                 if time.monotonic() - last_log >= args.log_interval:
                     print(stats.progress_line(), file=sys.stderr, flush=True)
                     last_log = time.monotonic()
+        check_not_empty(args, stats)
         outputs.commit()
     except BaseException:
         outputs.discard()

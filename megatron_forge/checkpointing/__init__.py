@@ -9,27 +9,42 @@ when to save (``megatron_forge.training.checkpoint_saver``).
 - :mod:`.state`: what a checkpoint holds (:class:`TrainState`, sharded model and
   optimizer, per-rank RNG) and megatron-core 0.16.1 workarounds for the optimizer.
 - :mod:`.saver`: :class:`Checkpointer`, asynchronous saves finalized on all ranks.
-- :mod:`.loader`: :func:`load_checkpoint`, resume or reshard from the newest checkpoint.
+- :mod:`.loader`: :func:`load_checkpoint`, resume or reshard from the newest checkpoint
+  (or ``checkpoint.load_iteration``).
+- :mod:`.ownership`: ``forge_owner.json``, the run a directory belongs to and the
+  checkpoints it wrote; a new run never writes over another run's.
+- :mod:`.lock`: one live run per directory (``forge.lock``, flock held by rank 0).
 """
 
 from megatron_forge.checkpointing.directory import (
     TRACKER,
+    complete_iterations,
     iteration_dir,
     iterations_to_delete,
     latest_iteration,
+    resolve_iteration,
     saved_iterations,
 )
-from megatron_forge.checkpointing.loader import load_checkpoint
+from megatron_forge.checkpointing.loader import iteration_to_load, load_checkpoint
+from megatron_forge.checkpointing.lock import DirectoryLock
+from megatron_forge.checkpointing.ownership import OWNER_FILE, Owner, read_owner
 from megatron_forge.checkpointing.saver import Checkpointer
 from megatron_forge.checkpointing.state import TrainState
 
 __all__ = [
+    "OWNER_FILE",
     "TRACKER",
     "Checkpointer",
+    "DirectoryLock",
+    "Owner",
     "TrainState",
+    "complete_iterations",
     "iteration_dir",
+    "iteration_to_load",
     "iterations_to_delete",
     "latest_iteration",
     "load_checkpoint",
+    "read_owner",
+    "resolve_iteration",
     "saved_iterations",
 ]

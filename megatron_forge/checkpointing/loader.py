@@ -1,5 +1,8 @@
-"""Resuming: :func:`load_checkpoint` reads the newest complete checkpoint of a root into
-the parts it is given and returns the :class:`~.state.TrainState` to continue from.
+"""Resuming: :func:`load_checkpoint` reads the newest complete checkpoint of a root (or
+``checkpoint.load_iteration``) into the parts it is given and returns the
+:class:`~.state.TrainState` to continue from. :func:`iteration_to_load` says which, and
+refuses rather than guesses when the tracker is lost, unreadable or names a missing
+iteration (the entry point calls it at startup, before building anything).
 
 Resharding (load under another layout): TP, PP (with or without virtual pipeline), DP and
 EP may all change, for weights and optimizer state, because both are stored per global
@@ -13,9 +16,14 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
-from megatron_forge.checkpointing.directory import TRACKER, iteration_dir, latest_iteration
+from megatron_forge.checkpointing.directory import TRACKER, iteration_dir, resolve_iteration
+from megatron_forge.checkpointing.ownership import (
+    effective_load_iteration,
+    kept_from_previous_owner,
+    read_owner,
+)
 from megatron_forge.checkpointing.state import (
     TrainState,
     callback_states,
@@ -35,6 +43,37 @@ def _warn(message: str) -> None:
         print(f"WARNING: {message}", file=sys.stderr, flush=True)
 
 
+def iteration_to_load(root: str | Path, ckpt_cfg: CheckpointConfig) -> Optional[int]:
+    """The iteration of ``root`` to load (``ckpt_cfg.load_iteration``, else the tracker's),
+    or None when a run that saves into ``root`` has not saved yet."""
+    save = ckpt_cfg.save
+    resumes_itself = save is not None and Path(root).resolve() == Path(save).resolve()
+    if not resumes_itself and not Path(root).is_dir():
+        raise CheckpointError(
+            f"checkpoint.load={root} does not exist; point it at a directory holding "
+            f"{TRACKER} (or leave it unset to start from scratch)"
+        )
+    requested = ckpt_cfg.load_iteration
+    if resumes_itself:
+        owner = read_owner(root)
+        requested = effective_load_iteration(root, owner, requested)
+        if requested is None and ckpt_cfg.load_iteration is not None:
+            _warn(
+                f"checkpoint.load_iteration={ckpt_cfg.load_iteration}: an earlier job of this "
+                f"run resumed from it and saved newer checkpoints since; resuming from the "
+                f"tracker's, as a requeued job should"
+            )
+    # Checkpoints a run kept when it took the directory over are not the directory's own.
+    iteration = resolve_iteration(root, requested, kept_from_previous_owner(root))
+    if iteration is None and not resumes_itself:
+        raise CheckpointError(
+            f"checkpoint.load={root} holds no checkpoint (no {TRACKER}, no complete iter_ "
+            "directory); point it at a checkpoint directory, or leave it unset to start "
+            "from scratch"
+        )
+    return iteration
+
+
 def load_checkpoint(
     root: str | Path,
     model_chunks: list[Any],
@@ -48,22 +87,10 @@ def load_checkpoint(
     ``root`` has not saved yet (the first job of one that resumes itself)."""
     from megatron.core import dist_checkpointing
 
-    iteration = latest_iteration(root)
+    iteration = iteration_to_load(root, ckpt_cfg)
     if iteration is None:
-        save = ckpt_cfg.save
-        resumes_itself = save is not None and Path(root).resolve() == Path(save).resolve()
-        if not resumes_itself and not Path(root).is_dir():
-            raise CheckpointError(
-                f"checkpoint.load={root} does not exist; point it at a directory holding "
-                f"{TRACKER} (or leave it unset to start from scratch)"
-            )
         return TrainState()
     path = iteration_dir(root, iteration)
-    if not path.is_dir():
-        raise CheckpointError(
-            f"{Path(root) / TRACKER} names iteration {iteration} but {path} is missing; "
-            "point the tracker at a complete iter_ directory"
-        )
     common = dist_checkpointing.load_common_state_dict(str(path))
     with_optimizer = ckpt_cfg.load_optimizer and common.get("has_optimizer", True)
     saved_layout, layout = common.get("layout", {}), parallel_layout()

@@ -6,11 +6,17 @@ state is staged, a background process writes, and when every rank has finished
 (megatron-core's AsyncCallsQueue agrees on that with an all-reduce) rank 0 writes the
 tracker and applies retention. A checkpoint interrupted mid-write is therefore never the
 one resumed from, and retention never deletes the newest complete one.
+
+Rank 0 keeps the directory's owner record (:mod:`.ownership`) up to date: every complete
+checkpoint this run writes is recorded before the tracker names it, retention removes
+only recorded ones (and only their checkpoint files), and a save never replaces a
+complete checkpoint this run did not write. A full disk stops the run with a message
+naming the path and the free space, the tracker still at the last complete checkpoint.
 """
 
 from __future__ import annotations
 
-import shutil
+import sys
 import time
 from functools import partial
 from pathlib import Path
@@ -19,13 +25,18 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from megatron_forge.checkpointing.collective import on_rank0
 from megatron_forge.checkpointing.directory import (
+    disk_full_cause,
+    disk_full_error,
+    is_complete,
     iteration_dir,
     iterations_to_delete,
     latest_iteration,
-    saved_iterations,
+    remove_checkpoint,
     write_tracker,
 )
+from megatron_forge.checkpointing.ownership import Owner, config_hash, read_owner, write_owner
 from megatron_forge.checkpointing.state import (
     CALLBACK_STATES,
     CHECKPOINT_VERSION,
@@ -35,7 +46,7 @@ from megatron_forge.checkpointing.state import (
 )
 from megatron_forge.config import CheckpointConfig
 from megatron_forge.errors import CheckpointError
-from megatron_forge.utils import barrier, device, is_rank0, world_size
+from megatron_forge.utils import device, world_size
 
 
 class Checkpointer:
@@ -57,6 +68,8 @@ class Checkpointer:
         """Seconds the last save held up training (staging, or the whole write if sync)."""
         self.pending_iteration: Optional[int] = None
         """Iteration being written in the background, if any."""
+        self._owner: Optional[Owner] = None
+        """Rank 0: the directory's owner record, read (or created) at the first save."""
 
     def save(
         self,
@@ -79,7 +92,12 @@ class Checkpointer:
             return
         self.finalize(blocking=True)
         start = time.perf_counter()
-        target = self._prepare_dir(step)
+        if self._prepare_dir(step, config) == "saved":
+            # This run resumed from that very checkpoint and has not stepped since.
+            self._finish(step)
+            self.last_blocked_s = time.perf_counter() - start
+            return
+        target = iteration_dir(self.root, step)
         # Before the first step the optimizer holds no state to save (megatron's
         # distributed optimizer refuses); such a checkpoint is an initialization.
         with_optimizer = step > 0
@@ -98,9 +116,13 @@ class Checkpointer:
         )
         from megatron.core import dist_checkpointing
 
-        request = dist_checkpointing.save(
-            sharded, str(target), async_sharded_save=self.queue is not None
-        )
+        try:
+            request = dist_checkpointing.save(
+                sharded, str(target), async_sharded_save=self.queue is not None
+            )
+        except BaseException as err:  # torch wraps failures in a BaseException
+            self._raise_if_disk_full(err, step)
+            raise
         finish = partial(self._finish, step)
         if request is None:
             finish()
@@ -113,37 +135,109 @@ class Checkpointer:
             self.finalize(blocking=True)
         self.last_blocked_s = time.perf_counter() - start
 
-    def _prepare_dir(self, step: int) -> Path:
-        target = iteration_dir(self.root, step)
-        latest = latest_iteration(self.root)
-        if target.exists() and latest is not None and step <= latest:
-            raise CheckpointError(
-                f"{target} already holds a complete checkpoint (the tracker is at {latest}); "
-                "refusing to overwrite it. Point checkpoint.save at a new directory, or set "
-                "checkpoint.load to it to resume from there"
-            )
-        if is_rank0():
-            if target.exists():  # newer than the tracker: left by a save that never finished
-                shutil.rmtree(target)
-            target.mkdir(parents=True)
-        barrier()
-        return target
+    def _owner_record(self, config: Optional[dict[str, Any]] = None) -> Owner:
+        """Rank 0: the owner record, created for this run when the directory has none
+        (a Checkpointer used without the entry point's claim)."""
+        if self._owner is None:
+            self._owner = read_owner(self.root) or Owner.new(config_hash(config or {}))
+        return self._owner
+
+    def _prepare_dir(self, step: int, config: dict[str, Any]) -> str:
+        """Make ``iter_<step>`` ready for a save ("new"), or say this run already saved it
+        ("saved"). Refuses to replace a complete checkpoint this run did not write."""
+
+        def prepare() -> str:
+            target = iteration_dir(self.root, step)
+            owner = self._owner_record(config)
+            latest = latest_iteration(self.root)
+            if is_complete(target):
+                if step in owner.iterations and (latest is None or step > latest):
+                    return "saved"
+                if step not in owner.not_ours:
+                    whose = "this run wrote" if step in owner.iterations else "another run wrote"
+                    raise CheckpointError(
+                        f"{target} already holds a complete checkpoint that {whose} (the "
+                        f"tracker is at {latest}); refusing to overwrite it. Point "
+                        "checkpoint.save at a new directory, or set checkpoint.load to it "
+                        "to resume from there"
+                    )
+                owner.not_ours.remove(step)  # taken over: this save replaces it
+                write_owner(self.root, owner, "nothing was replaced")
+            # An interrupted save (or a kept one taken over): only its checkpoint files
+            # go; anything else in the directory stays.
+            kept = remove_checkpoint(target)
+            if kept:
+                _warn(f"{target}: keeping {', '.join(kept)} (not part of a checkpoint)")
+            try:
+                target.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                self._raise_if_disk_full(err, step)
+                raise
+            return "new"
+
+        return on_rank0(prepare)
+
+    def _raise_if_disk_full(self, error: BaseException, step: int) -> None:
+        cause = None if isinstance(error, CheckpointError) else disk_full_cause(error)
+        if cause is None:  # not the disk, or already said (a CheckpointError)
+            return
+        try:
+            latest = latest_iteration(self.root)
+        except CheckpointError:
+            latest = None
+        path = Path(cause.filename) if cause.filename else iteration_dir(self.root, step)
+        raise disk_full_error(
+            path,
+            cause,
+            f"the checkpoint of step {step} is incomplete and is not resumed from; the "
+            f"tracker still names iteration {latest if latest is not None else 'none'}",
+        ) from error
 
     def _finish(self, step: int) -> None:
-        """Runs on every rank once all ranks finished writing ``step``."""
-        if is_rank0():
-            write_tracker(self.root, step)
-            doomed = iterations_to_delete(
-                saved_iterations(self.root), step, self.cfg.keep_last, self.cfg.keep_every
+        """Runs on every rank once all ranks finished writing ``step``: records it as this
+        run's, points the tracker at it, then applies retention to this run's own."""
+
+        def finish() -> None:
+            previous = latest_iteration(self.root)
+            owner = self._owner_record()
+            if step not in owner.iterations:
+                owner.iterations = sorted([*owner.iterations, step])
+            write_owner(
+                self.root,
+                owner,
+                f"the checkpoint of step {step} is written but not recorded; the tracker "
+                f"still names iteration {previous if previous is not None else 'none'}",
             )
+            write_tracker(self.root, step, previous)
+            ours = [i for i in owner.iterations if is_complete(iteration_dir(self.root, i))]
+            doomed = iterations_to_delete(ours, step, self.cfg.keep_last, self.cfg.keep_every)
             for iteration in doomed:
-                shutil.rmtree(iteration_dir(self.root, iteration), ignore_errors=True)
-        self.pending_iteration = None
+                kept = remove_checkpoint(iteration_dir(self.root, iteration))
+                if kept:
+                    _warn(
+                        f"retention removed the checkpoint of {iteration_dir(self.root, iteration)} "
+                        f"but kept {', '.join(kept)} (not part of a checkpoint)"
+                    )
+            if doomed:
+                owner.iterations = [i for i in owner.iterations if i not in doomed]
+                write_owner(self.root, owner, "retention's removals are not recorded")
+
+        try:
+            on_rank0(finish)
+        finally:
+            self.pending_iteration = None
 
     def finalize(self, blocking: bool) -> None:
         """Complete finished background saves (all ranks must call this together)."""
-        if self.queue is not None:
+        if self.queue is None:
+            return
+        pending = self.pending_iteration
+        try:
             self.queue.maybe_finalize_async_calls(blocking=blocking)
+        except BaseException as err:  # torch wraps failures in a BaseException
+            if pending is not None:
+                self._raise_if_disk_full(err, pending)
+            raise
 
     def due(self, step: int) -> bool:
         """Whether the interval or the wall-clock budget asks for a save at ``step``."""
@@ -179,3 +273,7 @@ class Checkpointer:
             self.finalize(blocking=True)
             self.queue.close()
         self.pending_iteration = None
+
+
+def _warn(message: str) -> None:
+    print(f"WARNING: {message}", file=sys.stderr, flush=True)

@@ -3,12 +3,19 @@
 Strict on purpose: unknown keys fail with the closest valid key, duplicate YAML keys are
 refused, and values are type-checked against the schema's hints (an unquoted ``4:00:00``
 that YAML reads as an integer is an error, not a silent 14400).
+
+Errors say where the value came from: a command-line override's syntax, YAML, section and
+key are checked on their own and the override is named (``command-line override
+'train.lrr=1': unknown key 'train.lrr'; did you mean 'lr'?``); a bad value in a file is
+prefixed with the file, and with the overrides that set a field the message names
+(``configs/tiny.yaml with command-line override 'train.lr=nan': train.lr=nan must be ...``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -116,27 +123,77 @@ def from_dict(values: dict[str, Any]) -> Config:
     return Config(**{k: _build_section(hints[k], v, k) for k, v in sections.items()})
 
 
+OVERRIDE = "command-line override"
+
+
+def _parse_override(item: str) -> tuple[str, str, Any]:
+    """``section.key=value`` -> (section, key, value parsed as YAML); ConfigError naming it."""
+    _require(
+        "=" in item and "." in item.split("=", 1)[0],
+        f"{OVERRIDE} {item!r} must look like section.key=value (e.g. train.lr=1e-4)",
+    )
+    path, raw = item.split("=", 1)
+    section, key = path.split(".", 1)
+    if raw == "":
+        return section, key, None
+    try:
+        return section, key, yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        problem = getattr(err, "problem", None) or str(err).replace("\n", " ")
+        where = f" at column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(
+            f"{OVERRIDE} {item!r}: the value {raw!r} is not valid YAML ({problem}{where}); "
+            "close its brackets and quotes (e.g. data.blend=[a, b]), or quote a string "
+            "value for YAML inside the shell's quotes (e.g. 'logging.dir=\"a: b\"')"
+        ) from None
+
+
+def _check_override_key(item: str, section: str, key: str) -> None:
+    """Unknown sections and keys, named as the override (not as a fault of the file)."""
+    hints = typing.get_type_hints(Config)
+    sections = list(hints)
+    _require(
+        section in sections,
+        f"{OVERRIDE} {item!r}: unknown section '{section}'" + _suggest(section, sections),
+    )
+    names = [f.name for f in dataclasses.fields(hints[section])]
+    _require(
+        key in names, f"{OVERRIDE} {item!r}: unknown key '{section}.{key}'" + _suggest(key, names)
+    )
+
+
 def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``section.key=value`` strings (values parsed as YAML) to a nested dict."""
-    values = {k: dict(v or {}) for k, v in (values or {}).items()}
-    valid_sections = list(typing.get_type_hints(Config))
+    """Apply ``section.key=value`` strings (values parsed as YAML) to a nested dict.
+
+    Each override's syntax, YAML and key are checked on its own, so a typo is reported as
+    the override it is, not as a fault of the config file. Values are checked with the
+    file's, by :func:`from_dict` (:func:`load_config` then names the overrides involved).
+    """
+    values = {k: dict(v) if isinstance(v, dict) else v for k, v in (values or {}).items()}
     for item in overrides:
-        _require(
-            "=" in item and "." in item.split("=", 1)[0],
-            f"override {item!r} must look like section.key=value (e.g. train.lr=1e-4)",
-        )
-        path, raw = item.split("=", 1)
-        section, key = path.split(".", 1)
-        _require(
-            section in valid_sections,
-            f"override {item!r}: unknown section '{section}'" + _suggest(section, valid_sections),
-        )
-        values.setdefault(section, {})[key] = yaml.safe_load(raw) if raw != "" else None
+        section, key, value = _parse_override(item)
+        _check_override_key(item, section, key)
+        if values.get(section) is None:
+            values[section] = {}
+        if isinstance(values[section], dict):  # else from_dict names the file's bad section
+            values[section][key] = value
     return values
+
+
+def _named_overrides(message: str, overrides: list[str]) -> list[str]:
+    """The overrides whose ``section.key`` the message names."""
+    named = []
+    for item in overrides:
+        path = item.split("=", 1)[0]
+        if re.search(rf"(?<![\w.]){re.escape(path)}(?![\w])", message):
+            named.append(item)
+    return named
 
 
 def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> Config:
     """Read a YAML config (or defaults when ``path`` is None) and apply overrides."""
+    overrides = list(overrides or [])
     values: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -146,9 +203,15 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
         except yaml.YAMLError as err:
             raise ConfigError(f"{path} is not valid YAML: {err}") from None
         _require(isinstance(values, dict), f"{path} must hold a mapping of sections")
-    values = apply_overrides(values, overrides or [])
+    values = apply_overrides(values, overrides)
     try:
         return from_dict(values)
     except ConfigError as err:
-        where = f"{path}: " if path is not None else ""
-        raise ConfigError(f"{where}{err}") from None
+        if path is None:  # every value is a default or an override: the field says which
+            raise
+        named = _named_overrides(str(err), overrides)
+        where = str(path)
+        if named:
+            plural = "s" if len(named) > 1 else ""
+            where += f" with {OVERRIDE}{plural} " + ", ".join(map(repr, named))
+        raise ConfigError(f"{where}: {err}") from None

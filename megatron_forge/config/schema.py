@@ -195,6 +195,13 @@ class DataConfig:
     """Append the ids of the samples each rank trains on to
     ``<logging.dir>/sample_ids/train_rank<R>.txt``, one line per microbatch (indexed: the
     sample index; webdataset: the sample key). For auditing data order and resumes."""
+    full_check: bool = False
+    """format=indexed: before training, read every token of every .bin to find ids outside
+    the vocabulary. Costs one read of the whole dataset per node (every rank reads it; ranks
+    on a node share the page cache): minutes for hundreds of GB. Default false: each .bin is
+    sampled (its first and last 4 MiB and 32 blocks of 256 KiB spread between, about 16 MiB
+    per dataset), which catches a dataset made with another tokenizer. Either way the .idx
+    is checked in full against its .bin (12 bytes per document)."""
 
     def __post_init__(self) -> None:
         parts = self.split.split(",")
@@ -299,18 +306,69 @@ class TrainConfig:
     skip_train: bool = False
     """Only evaluate the loaded checkpoint on the validation split, then exit."""
     hang_timeout_s: Optional[float] = 1800.0
-    """Exit (and requeue) when no step completes for this long; names the stalled rank."""
+    """Exit with status 4 (and requeue) when a rank shows no progress for this long: no
+    step ends, no training or evaluation microbatch is read, no checkpoint save starts or
+    ends. So a long evaluation is fine, one save or one microbatch taking this long is
+    not. Names the stalled ranks; null disables the watchdog."""
+    nonfinite_policy: Literal["skip", "rollback"] = "skip"
+    """A step whose loss or gradient norm is NaN/inf never updates the parameters (nor the
+    lr schedule). After ``max_nonfinite_steps`` such steps in a row: ``skip`` stops the run
+    with exit status 5; ``rollback`` reloads the newest checkpoint and continues with the
+    data after the bad steps (the batches read since that checkpoint are skipped), at most
+    ``max_rollbacks`` times, then stops with status 5."""
+    max_nonfinite_steps: int = 3
+    """Consecutive non-finite steps that stop (or, with rollback, roll back) the run."""
+    max_rollbacks: int = 3
+    """Rollbacks allowed in a run (the count is kept in checkpoints) before it stops."""
+    resume_hparams: Optional[Literal["config", "checkpoint"]] = None
+    """When a resumed run's lr, min_lr, warmup_iters, decay_iters (train_iters when
+    unset), decay_style, weight_decay, adam_beta1/2 or adam_eps differ from its
+    checkpoint's: ``config`` follows the config from the resumed step on (Megatron-LM's
+    --override-opt-param-scheduler), ``checkpoint`` keeps the checkpoint's values
+    (--use-checkpoint-opt-param-scheduler). Unset: a difference is an error listing it."""
 
     def __post_init__(self) -> None:
         for name in ("micro_batch_size", "global_batch_size"):
             _require(getattr(self, name) >= 1, f"train.{name} must be >= 1")
         _require(self.train_iters >= 0, "train.train_iters must be >= 0")
-        _require(self.lr >= self.min_lr >= 0, "train.min_lr must be in [0, train.lr]")
+        # Written so that NaN fails too: every comparison with NaN is false.
+        for name in ("lr", "min_lr", "weight_decay", "adam_eps", "clip_grad"):
+            value = getattr(self, name)
+            _require(
+                0 <= value < float("inf"),
+                f"train.{name}={value} must be a finite number >= 0 (default: "
+                f"{TrainConfig.__dataclass_fields__[name].default})",
+            )
+        for name in ("adam_beta1", "adam_beta2"):
+            value = getattr(self, name)
+            _require(
+                0 <= value < 1,
+                f"train.{name}={value} must be in [0, 1) (default: "
+                f"{TrainConfig.__dataclass_fields__[name].default})",
+            )
+        _require(
+            self.min_lr <= self.lr,
+            f"train.min_lr={self.min_lr} is above train.lr={self.lr}; min_lr must be in "
+            "[0, train.lr]",
+        )
         _require(
             self.global_batch_size % self.micro_batch_size == 0,
             f"train.global_batch_size={self.global_batch_size} is not divisible by "
             f"train.micro_batch_size={self.micro_batch_size}",
         )
+        if self.hang_timeout_s is not None:
+            _require(
+                0 < self.hang_timeout_s < float("inf"),
+                f"train.hang_timeout_s={self.hang_timeout_s} must be a positive number of "
+                "seconds; set it to null to disable the hang watchdog",
+            )
+        for name in ("max_nonfinite_steps", "max_rollbacks"):
+            minimum = 1 if name == "max_nonfinite_steps" else 0
+            _require(
+                getattr(self, name) >= minimum,
+                f"train.{name}={getattr(self, name)} must be >= {minimum} (default: "
+                f"{TrainConfig.__dataclass_fields__[name].default})",
+            )
 
 
 @dataclass
@@ -398,10 +456,33 @@ class CheckpointConfig:
     keep_last: Optional[int] = None
     """Keep only the newest N checkpoints (None: keep all)..."""
     keep_every: Optional[int] = None
-    """...plus every checkpoint whose iteration is a multiple of this."""
+    """...plus every checkpoint whose iteration is a multiple of this. Retention removes
+    only complete checkpoints this run wrote, never the newest one, and never files in an
+    iter_ directory that are not part of the checkpoint."""
+    load_iteration: Optional[int] = None
+    """Iteration of checkpoint.load to load (null: the one its tracker names). Use it when
+    the tracker is lost or names a missing iteration, as convert's --iteration."""
+    overwrite: bool = False
+    """Let a run that does not resume from checkpoint.save write there although the
+    directory belongs to another run (its forge_owner.json) or holds a tracker or complete
+    checkpoints this run did not write. This run then owns the directory: the previous
+    tracker is removed (its value is kept in forge_owner.json), the previous checkpoints
+    are kept, never resumed and never removed by retention, except one at an iteration
+    this run saves itself, which that save replaces. Ignored by a run that resumes from
+    checkpoint.save (checkpoint.load pointing at the same directory)."""
 
     def __post_init__(self) -> None:
         _require(self.save_interval >= 0, "checkpoint.save_interval must be >= 0")
+        _require(
+            self.load_iteration is None or self.load_iteration >= 0,
+            f"checkpoint.load_iteration={self.load_iteration} must be >= 0 (or null to load "
+            "the iteration the tracker names)",
+        )
+        _require(
+            self.load_iteration is None or self.load is not None,
+            f"checkpoint.load_iteration={self.load_iteration} needs checkpoint.load: set it to "
+            "the directory holding that iter_ directory",
+        )
         _require(
             self.keep_last is None or self.keep_last >= 1,
             "checkpoint.keep_last must be >= 1 (or null to keep every checkpoint)",

@@ -84,6 +84,112 @@ def check_output_dir(out_dir: Path, overwrite: bool) -> None:
         )
 
 
+RUN_FILES = ("config.yaml", "metrics.jsonl")
+"""What megatron_forge.train writes into logging.dir: their presence marks a run directory."""
+MAX_SCANNED = 20_000
+"""Entries looked at under an output directory before refusing to replace it unseen."""
+
+
+def run_directory(ckpt_root: str | Path) -> Optional[Path]:
+    """The run a checkpoint root belongs to: its parent, when that holds a run's files
+    (RUN_FILES; e.g. runs/NAME/ of runs/NAME/checkpoints); None otherwise."""
+    parent = Path(os.path.abspath(ckpt_root)).parent
+    return parent if any((parent / name).is_file() for name in RUN_FILES) else None
+
+
+def _spellings(path: str | Path) -> set[Path]:
+    """The path as given (absolute, '..' folded) and with symlinks resolved: a check that
+    holds for both cannot be bypassed by a link or a relative path."""
+    return {Path(os.path.abspath(path)), Path(path).resolve()}
+
+
+def _relation(out_dir: str | Path, other: str | Path) -> Optional[str]:
+    """How ``out_dir`` overlaps ``other``: 'is', 'lies inside' or 'contains'; else None."""
+    for out in _spellings(out_dir):
+        for path in _spellings(other):
+            if out == path:
+                return "is"
+            if path in out.parents:
+                return "lies inside"
+            if out in path.parents:
+                return "contains"
+    return None
+
+
+def _training_work(out_dir: Path, depth: int = 3) -> Optional[str]:
+    """A training checkpoint (iter_N with N > 0) or run (metrics.jsonl) under ``out_dir``,
+    ``depth`` levels down at most (runs/NAME/checkpoints/iter_N from runs/): what
+    replacing ``out_dir`` would lose that no conversion can recreate. Links are not
+    followed (deleting a directory removes the link, not its target)."""
+    level, seen = [out_dir], 0
+    for _ in range(depth):
+        below = []
+        for directory in level:
+            with os.scandir(directory) as entries:
+                for entry in entries:
+                    seen += 1
+                    if seen > MAX_SCANNED:
+                        return f"more than {MAX_SCANNED} files and directories (not all checked)"
+                    suffix = entry.name[len("iter_") :]
+                    if entry.is_dir(follow_symlinks=False):
+                        if entry.name.startswith("iter_") and suffix.isdigit() and int(suffix):
+                            return f"the checkpoint {entry.path}"
+                        below.append(Path(entry.path))
+                    elif entry.name == "metrics.jsonl":
+                        return f"the run metrics {entry.path}"
+        level = below
+    return None
+
+
+def check_output(
+    out_dir: str | Path, source: str | Path, overwrite: bool, source_kind: str = "checkpoint"
+) -> None:
+    """Refuse, before anything is read or written, an output that would destroy what a
+    conversion cannot recreate, then (:func:`check_output_dir`) a non-empty one without
+    ``overwrite``:
+
+    - ``out_dir`` that is ``source`` (the checkpoint root or Hugging Face directory being
+      converted), lies inside it or contains it: always, ``--overwrite`` or not;
+    - ``out_dir`` that is or contains the run directory of the checkpoint (see
+      :func:`run_directory`), and with ``--overwrite`` an existing ``out_dir`` inside that
+      run which is not an earlier export (an export holds config.json);
+    - with ``--overwrite``, an ``out_dir`` holding a training checkpoint or a run's metrics.
+
+    Paths are compared as given and with symlinks resolved."""
+    run = run_directory(source) if source_kind == "checkpoint" else None
+    if run is not None and _relation(out_dir, run) in ("is", "contains"):
+        raise ConvertError(
+            f"output {out_dir} {_relation(out_dir, run)} the run directory {run} of the "
+            f"checkpoint {source}; writing there would replace the run and its checkpoints. "
+            "Choose an output directory outside the run"
+        )
+    relation = _relation(out_dir, source)
+    if relation is not None:
+        raise ConvertError(
+            f"output {out_dir} {relation} the {source_kind} directory {source} being converted; "
+            f"writing there would replace the {source_kind} it is read from. Choose an "
+            f"output directory outside {source}"
+        )
+    out = Path(out_dir)
+    check_output_dir(out, overwrite)
+    if not (out.is_dir() and any(out.iterdir())):
+        return  # nothing there would be replaced
+    if run is not None and _relation(out, run) == "lies inside":
+        if not (out / "config.json").is_file():
+            raise ConvertError(
+                f"--overwrite would replace {out}, which lies inside the run directory {run} "
+                "of the checkpoint and is not an earlier export (it holds no config.json). "
+                f"Choose a new output directory, or remove {out} yourself if you mean to"
+            )
+    found = _training_work(out)
+    if found is not None:
+        raise ConvertError(
+            f"--overwrite would delete {out}, which holds {found}; a conversion replaces "
+            "only exports. Choose another output directory, or remove it yourself if you "
+            "mean to"
+        )
+
+
 @contextlib.contextmanager
 def staged_output(out_dir: str | Path, overwrite: bool) -> Iterator[Path]:
     """Yield a temporary directory beside ``out_dir`` that becomes ``out_dir`` only when the

@@ -17,7 +17,7 @@ from megatron_forge.checkpointing import TRACKER, iteration_dir
 from megatron_forge.config import Config, ConfigError, ParallelConfig, from_dict
 from megatron_forge.convert.files import (
     SafetensorsReader,
-    check_output_dir,
+    check_output,
     read_json,
     release_freed_memory,
     staged_output,
@@ -124,8 +124,8 @@ def import_hf(
     overwrite: bool = False,
 ) -> Path:
     """Write ``ckpt_dir`` (iter_0000000/, the tracker, config.yaml) from ``hf_dir``."""
+    check_output(ckpt_dir, hf_dir, overwrite, "Hugging Face model")  # before any work
     hf_dir, ckpt_dir = Path(hf_dir).resolve(), Path(ckpt_dir).resolve()
-    check_output_dir(ckpt_dir, overwrite)  # before any work
     if not hf_dir.is_dir():
         raise ConvertError(f"Hugging Face directory {hf_dir} does not exist")
     hf = read_json(hf_dir / "config.json")

@@ -18,7 +18,7 @@ from megatron_forge.convert.files import (
     HF_DTYPE_NAMES,
     ShardedSafetensorsWriter,
     TensorSpec,
-    check_output_dir,
+    check_output,
     release_freed_memory,
     staged_output,
     write_json,
@@ -136,7 +136,7 @@ def export_hf(
     max_shard_size: int = 5 * 10**9,
 ) -> Path:
     """Convert one iteration of a checkpoint to a Hugging Face directory; return it."""
-    check_output_dir(Path(out_dir), overwrite)  # before any work
+    check_output(out_dir, ckpt_dir, overwrite)  # before any work
     ckpt = MegatronCheckpoint(ckpt_dir, iteration)
     model = ckpt.model
     tok = open_tokenizer(ckpt, tokenizer)

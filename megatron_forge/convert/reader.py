@@ -25,8 +25,17 @@ from megatron_forge.checkpointing import (
     latest_iteration,
     saved_iterations,
 )
+from megatron_forge.checkpointing.files import (
+    damaged_files,
+    describe_error,
+    load_common_state,
+    load_metadata,
+    open_reader,
+    read_errors,
+    verify_iteration,
+)
 from megatron_forge.config import ConfigError, ModelConfig, from_dict
-from megatron_forge.errors import ConvertError
+from megatron_forge.errors import CheckpointError, ConvertError
 from megatron_forge.models import check_model_config
 
 # The same parameter under megatron-core's local spec (first name) and Transformer
@@ -82,12 +91,19 @@ class MegatronCheckpoint:
     """One iteration of a megatron-forge torch_dist checkpoint, opened for reading."""
 
     def __init__(self, root: str | Path, iteration: Optional[int] = None) -> None:
-        from torch.distributed.checkpoint import FileSystemReader
-
         self.root = Path(root)
         self.iteration = self._resolve_iteration(iteration)
         self.path = iteration_dir(self.root, self.iteration)
-        self.common = self._load_common()
+        # Every pickle is read with an allowlist of types (a shared checkpoint runs no
+        # code), and missing or truncated shards are named before any output is written.
+        try:
+            metadata = load_metadata(self.path)
+        except CheckpointError as err:
+            raise self._broken([str(err)]) from None
+        problems = verify_iteration(self.path, metadata=metadata)
+        if problems:
+            raise self._broken(problems)
+        self.common = load_common_state(self.path)
         if "config" not in self.common:
             raise ConvertError(
                 f"{self.path} has no 'config' in its common state: not a megatron-forge "
@@ -102,20 +118,24 @@ class MegatronCheckpoint:
         except (ConfigError, KeyError) as err:
             raise ConvertError(f"{self.path}: stored model config is invalid: {err}") from None
 
-        metadata = FileSystemReader(str(self.path)).read_metadata()
-
-        class CachedReader(FileSystemReader):
-            """Reads .metadata once, not once per tensor read."""
-
-            def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
-                return metadata
-
-        self._reader = CachedReader(str(self.path))
+        self._metadata = metadata
+        self._reader = open_reader(self.path, metadata)
         self.tensors = {
             key: md
             for key, md in metadata.state_dict_metadata.items()
             if hasattr(md, "chunks") and not key.startswith(("optimizer.", "chained_"))
         }
+
+    def _broken(self, problems: list[str], reading: str = "") -> ConvertError:
+        """The error for a damaged iteration: each problem, how to check, what to do."""
+        others = [i for i in saved_iterations(self.root) if i != self.iteration]
+        return ConvertError(
+            f"{self.path} cannot be converted{reading}:\n  "
+            + "\n  ".join(problems)
+            + f"\nCheck it with: python tools/inspect_checkpoint.py {self.root} --iteration "
+            f"{self.iteration} --verify; copy the checkpoint again from where it was written, "
+            f"or convert another iteration with --iteration N (present: {others or 'none'})"
+        )
 
     def _resolve_iteration(self, iteration: Optional[int]) -> int:
         if not self.root.is_dir():
@@ -135,17 +155,6 @@ class MegatronCheckpoint:
                 f"{available or 'none'})"
             )
         return iteration
-
-    def _load_common(self) -> dict[str, Any]:
-        if not (self.path / "common.pt").is_file() or not (self.path / ".metadata").is_file():
-            raise ConvertError(
-                f"{self.path} is incomplete or not a torch_dist checkpoint (common.pt and "
-                ".metadata are required)"
-            )
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            # The common state is our own (config dict, iteration, scheduler): trusted pickle.
-            return torch.load(self.path / "common.pt", map_location="cpu", weights_only=False)
 
     def resolve(self, key: str) -> str:
         """The name ``key`` (or one of its aliases) has in this checkpoint."""
@@ -181,7 +190,12 @@ class MegatronCheckpoint:
         dest = torch.empty((1,) * len(index) + shape[len(index) :], dtype=self.dtype(key))
         offsets = tuple(index) + (0,) * (len(shape) - len(index))
         planner = _region_planner({name: (offsets, dest)})
-        with warnings.catch_warnings():  # "assuming the intent is to load in a single process"
-            warnings.simplefilter("ignore")
-            dcp.load({}, storage_reader=self._reader, planner=planner, no_dist=True)
+        try:
+            with warnings.catch_warnings():  # "assuming the intent is to load in a single process"
+                warnings.simplefilter("ignore")
+                dcp.load({}, storage_reader=self._reader, planner=planner, no_dist=True)
+        except read_errors() as err:  # a corrupt shard raises whatever torch hits
+            files = ", ".join(map(str, damaged_files(self.path, self._metadata, name)))
+            problem = f"{name} is unreadable from {files} ({describe_error(err)})"
+            raise self._broken([problem], f" (reading {name})") from None
         return dest.reshape(shape[len(index) :])

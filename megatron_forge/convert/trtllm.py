@@ -33,7 +33,7 @@ from megatron_forge.convert.files import (
     HF_DTYPE_NAMES,
     SafetensorsFileWriter,
     TensorSpec,
-    check_output_dir,
+    check_output,
     release_freed_memory,
     staged_output,
     write_json,
@@ -255,7 +255,7 @@ def export_trtllm(
     """Write a TensorRT-LLM checkpoint for a TP x PP engine; return its directory."""
     if tp < 1 or pp < 1:
         raise ConvertError(f"--tp and --pp must be >= 1 (got tp={tp}, pp={pp})")
-    check_output_dir(Path(out_dir), overwrite)  # before any work
+    check_output(out_dir, ckpt_dir, overwrite)  # before any work
     ckpt = MegatronCheckpoint(ckpt_dir, iteration)
     model = ckpt.model
     check_trt_family(model)

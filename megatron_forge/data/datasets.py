@@ -16,6 +16,8 @@ workers, and which resumes at ``consumed_samples`` as well.
 from __future__ import annotations
 
 import itertools
+import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional
@@ -24,13 +26,13 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from megatron_forge.config import Config, ConfigError
-from megatron_forge.errors import DataError
 from megatron_forge.data.webdataset import (
     WebDatasetSplit,
     build_webdatasets,
     check_shards,
     webdataset_microbatches,
 )
+from megatron_forge.errors import DataError
 
 
 class MicroBatchSampler(Sampler[list[int]]):
@@ -87,7 +89,8 @@ def load_run_tokenizer(cfg: Config) -> Any:
 
 
 def check_data_paths(cfg: Config) -> None:
-    """Fail fast, before any process group exists, on missing or broken data or tokenizer."""
+    """Fail fast, before any process group exists, on missing or broken data or tokenizer:
+    a .bin/.idx pair that disagrees, an empty dataset, or token ids past the vocabulary."""
     if cfg.data.format == "webdataset":
         check_shards(cfg, load_run_tokenizer(cfg))
         return
@@ -99,7 +102,7 @@ def check_data_paths(cfg: Config) -> None:
     if not prefixes:
         raise ConfigError("data.blend is empty; set it to dataset prefixes (see README)")
     _check_prefixes(prefixes, _blend_field(cfg))
-    load_run_tokenizer(cfg)
+    _check_token_ids(cfg, prefixes, load_run_tokenizer(cfg))
 
 
 def _blend_field(cfg: Config) -> str:
@@ -107,7 +110,8 @@ def _blend_field(cfg: Config) -> str:
 
 
 def _check_prefixes(prefixes: list[str], where: str = "data.blend") -> None:
-    """Every prefix has a .bin/.idx pair whose sizes agree (before megatron-core maps them)."""
+    """Every prefix has a .bin/.idx pair that agree (sizes, lengths, pointers, document
+    indices) and holds documents, before megatron-core maps them."""
     from megatron_forge.data.indexed import IndexedDatasetError, check_indexed_dataset
 
     for prefix in prefixes:
@@ -118,9 +122,53 @@ def _check_prefixes(prefixes: list[str], where: str = "data.blend") -> None:
                     "written by tools/preprocess_data.py (e.g. out/corpus_text_document)"
                 )
         try:
-            check_indexed_dataset(prefix)
+            summary = check_indexed_dataset(prefix)
         except IndexedDatasetError as err:
             raise DataError(f"{where}: {err}") from None
+        if not summary.num_sequences:
+            raise DataError(
+                f"{where}: {prefix}.idx holds no documents; remove {prefix} from {where}, or "
+                "rerun tools/preprocess_data.py on an input that has some"
+            )
+
+
+def _check_token_ids(cfg: Config, prefixes: list[str], tokenizer: Any) -> None:
+    """No .bin holds an id past the model's vocabulary: a sample of each, or all of every
+    token with data.full_check. Skipped when neither model.vocab_size nor a tokenizer says
+    the vocabulary (the trainer then refuses to start)."""
+    from megatron_forge.data.indexed import IndexedDatasetError, check_token_ids
+
+    retokenize = "tokenize the dataset again with data.tokenizer (tools/preprocess_data.py)"
+    if cfg.model.vocab_size is not None:
+        vocab, source = cfg.model.vocab_size, f"model.vocab_size={cfg.model.vocab_size}"
+        fix = (
+            "set model.vocab_size to the vocabulary of the tokenizer that made the dataset "
+            f"(or remove it to use data.tokenizer's), or {retokenize}"
+        )
+    elif tokenizer is not None:
+        vocab = tokenizer.vocab_size
+        source = f"data.tokenizer {cfg.data.tokenizer} has {vocab} ids"
+        fix = (
+            f"the dataset was made with another tokenizer: {retokenize}, or set "
+            "data.tokenizer to the one that made it"
+        )
+    else:
+        return
+    full, where = cfg.data.full_check, _blend_field(cfg)
+    # Ranks check alike (so all stop alike, before any process group); one of them says so.
+    say = full and (os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or "0") == "0"
+    for prefix in prefixes:
+        if say:
+            size = os.path.getsize(prefix + ".bin") / 2**30
+            print(
+                f"data.full_check: reading every token of {prefix}.bin ({size:.1f} GiB)",
+                file=sys.stderr,
+                flush=True,
+            )
+        try:
+            check_token_ids(prefix, vocab, source, full=full)
+        except IndexedDatasetError as err:
+            raise DataError(f"{where}: {err}; {fix}") from None
 
 
 def _split_sizes(cfg: Config) -> list[int]:

@@ -11,10 +11,13 @@ The format is megatron-core's (``megatron.core.datasets.indexed_dataset``), vers
 :class:`IndexedDatasetWriter` writes the same bytes as megatron-core's
 ``IndexedDatasetBuilder`` but keeps the per-document lengths in a file rather than in Python
 lists, so memory stays flat for billions of documents. :func:`read_index_header` is the one
-parser of the ``.idx`` header. :func:`check_indexed_dataset` checks a pair's sizes against each
-other before megatron-core memory-maps it, which otherwise reads a truncated file as garbage or
-fails deep inside training. :func:`append_eod_tokens` ends documents given back to back with
-the end-of-document token, as ``--append-eod`` asks.
+parser of the ``.idx`` header. :func:`check_indexed_dataset` checks a pair against each other
+(sizes, and every length, pointer and document index of the ``.idx``) before megatron-core
+memory-maps it, which otherwise reads a truncated or corrupt file as garbage or fails deep
+inside training. :func:`check_token_ids` finds token ids outside the model's vocabulary (a
+dataset made with another tokenizer), in a sample of the ``.bin`` or in all of it.
+:func:`append_eod_tokens` ends documents given back to back with the end-of-document token,
+as ``--append-eod`` asks.
 """
 
 from __future__ import annotations
@@ -43,6 +46,11 @@ DTYPE_CODES: dict[int, type[np.number]] = {
 }
 COPY_ITEMS = 1 << 22  # items per block when streaming the index arrays
 REBUILD = "rerun tools/preprocess_data.py for this prefix"
+# check_token_ids' sample of a .bin: its head and tail, and blocks spread between.
+SAMPLE_END_BYTES = 4 << 20
+SAMPLE_BLOCKS = 32
+SAMPLE_BLOCK_BYTES = 256 << 10
+SCAN_BLOCK_BYTES = 64 << 20  # a full scan reads this much at a time
 
 
 class IndexedDatasetError(DataError):
@@ -162,10 +170,14 @@ def read_index_header(idx: str) -> IndexSummary:
 
 
 def check_indexed_dataset(prefix: str) -> IndexSummary:
-    """Check that ``prefix.idx`` is complete and ``prefix.bin`` has the size it describes.
+    """Check that ``prefix.idx`` is complete and consistent and ``prefix.bin`` has the size it
+    describes.
 
-    Raises IndexedDatasetError naming the file at fault. Reads the header and two numbers,
-    whatever the dataset's size.
+    Raises IndexedDatasetError naming the file at fault. Reads the whole ``.idx`` (12 bytes
+    per sequence and 8 per document, in blocks, so memory stays flat) and none of the
+    ``.bin``: every length is >= 0, every sequence starts where the one before it ends
+    (the first at byte 0), the document indices climb from 0 to the sequence count, and the
+    last sequence ends where the ``.bin`` does.
     """
     idx, bin_ = prefix + ".idx", prefix + ".bin"
     for path in (idx, bin_):
@@ -181,14 +193,8 @@ def check_indexed_dataset(prefix: str) -> IndexSummary:
             f"{num_docs} documents ({expected} bytes): the index is truncated or corrupt; "
             f"{REBUILD}"
         )
-    bin_expected = 0
-    if num_seq:
-        index = np.memmap(idx, np.uint8, "r")
-        last_length = index[HEADER_BYTES + 4 * (num_seq - 1) :][:4].view(np.int32)[0]
-        pointers_at = HEADER_BYTES + 4 * num_seq
-        last_pointer = index[pointers_at + 8 * (num_seq - 1) :][:8].view(np.int64)[0]
-        bin_expected = int(last_pointer) + int(last_length) * np.dtype(dtype).itemsize
-        del index
+    bin_expected = _check_lengths_and_pointers(idx, summary)
+    _check_document_indices(idx, summary)
     bin_size = os.path.getsize(bin_)
     if bin_size != bin_expected:
         raise IndexedDatasetError(
@@ -197,3 +203,131 @@ def check_indexed_dataset(prefix: str) -> IndexSummary:
             f"belongs to a different .idx; {REBUILD}"
         )
     return summary
+
+
+def _index_arrays(idx: str, summary: IndexSummary) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The lengths, byte pointers and document indices of a ``.idx``, memory-mapped."""
+    num_seq, num_docs = summary.num_sequences, summary.num_documents
+
+    def array(dtype: type, offset: int, count: int) -> np.ndarray:
+        if not count:
+            return np.zeros(0, dtype)
+        return np.memmap(idx, dtype, "r", offset=offset, shape=(count,))
+
+    pointers_at = HEADER_BYTES + 4 * num_seq
+    return (
+        array(np.int32, HEADER_BYTES, num_seq),
+        array(np.int64, pointers_at, num_seq),
+        array(np.int64, pointers_at + 8 * num_seq, num_docs),
+    )
+
+
+def _check_lengths_and_pointers(idx: str, summary: IndexSummary) -> int:
+    """Check every length and byte pointer; return the byte where the last sequence ends."""
+    lengths, pointers, _ = _index_arrays(idx, summary)
+    itemsize = np.dtype(summary.dtype).itemsize
+    end = 0  # the byte where the sequences before the current block end
+    for start in range(0, summary.num_sequences, COPY_ITEMS):
+        block = np.asarray(lengths[start : start + COPY_ITEMS], dtype=np.int64)
+        negative = np.flatnonzero(block < 0)
+        if negative.size:
+            i = start + int(negative[0])
+            raise IndexedDatasetError(
+                f"{idx}: sequence {i} has length {int(block[negative[0]])}, below 0: the "
+                f"index is corrupt; {REBUILD}"
+            )
+        ends = end + np.cumsum(block * itemsize)
+        starts = ends - block * itemsize
+        found = np.asarray(pointers[start : start + COPY_ITEMS])
+        wrong = np.flatnonzero(found != starts)
+        if wrong.size:
+            i, w = start + int(wrong[0]), int(wrong[0])
+            should = "the first sequence starts at byte 0"
+            if i:
+                should = f"sequence {i - 1} ends at byte {int(starts[w])}"
+            raise IndexedDatasetError(
+                f"{idx}: sequence {i} starts at byte {int(found[w])} of the .bin, but {should}: "
+                f"the pointers disagree with the lengths, the index is corrupt; {REBUILD}"
+            )
+        end = int(ends[-1])
+    return end
+
+
+def _check_document_indices(idx: str, summary: IndexSummary) -> None:
+    """Document indices climb from 0 to the sequence count (document d is the sequences
+    ``[doc[d], doc[d + 1])``)."""
+    _, _, documents = _index_arrays(idx, summary)
+    num_seq, num_docs = summary.num_sequences, summary.num_documents
+    if num_docs == 0 or documents[0] != 0 or documents[-1] != num_seq:
+        first = int(documents[0]) if num_docs else None
+        last = int(documents[-1]) if num_docs else None
+        raise IndexedDatasetError(
+            f"{idx}: the document indices must run from 0 to the sequence count {num_seq}, "
+            f"but they are {num_docs} numbers from {first} to {last}: the index is corrupt; "
+            f"{REBUILD}"
+        )
+    previous = 0
+    for start in range(0, num_docs, COPY_ITEMS):
+        block = np.asarray(documents[start : start + COPY_ITEMS])
+        falling = np.flatnonzero(np.diff(block, prepend=previous) < 0)
+        if falling.size:
+            d = start + int(falling[0])
+            raise IndexedDatasetError(
+                f"{idx}: document {d} starts at sequence {int(documents[d])}, before document "
+                f"{d - 1} (sequence {int(documents[d - 1])}): the document indices must not "
+                f"decrease, the index is corrupt; {REBUILD}"
+            )
+        previous = int(block[-1])
+
+
+def _scan_ranges(num_tokens: int, itemsize: int, full: bool) -> list[tuple[int, int]]:
+    """Token ranges [start, stop) to read: all of them in blocks, or the sample."""
+    if full or num_tokens * itemsize <= 2 * SAMPLE_END_BYTES + SAMPLE_BLOCKS * SAMPLE_BLOCK_BYTES:
+        step = max(SCAN_BLOCK_BYTES // itemsize, 1)
+        return [(s, min(s + step, num_tokens)) for s in range(0, num_tokens, step)]
+    end, block = SAMPLE_END_BYTES // itemsize, SAMPLE_BLOCK_BYTES // itemsize
+    middle = np.linspace(end, num_tokens - end - block, SAMPLE_BLOCKS).astype(np.int64)
+    return [(0, end), *((int(s), int(s) + block) for s in middle), (num_tokens - end, num_tokens)]
+
+
+def check_token_ids(
+    prefix: str, vocab_size: int, vocab_source: str, full: bool = False
+) -> IndexSummary:
+    """Check that ``prefix.bin`` holds no token id outside ``[0, vocab_size)``.
+
+    Such ids index past the embedding (a crash on GPU) or into its padding rows (silent
+    garbage): the dataset was made with another tokenizer. Reads a sample of the ``.bin``
+    (its first and last ``SAMPLE_END_BYTES`` and ``SAMPLE_BLOCKS`` blocks between: about
+    16 MiB however large it is), or all of it with ``full``. ``vocab_source`` says where
+    ``vocab_size`` comes from (``model.vocab_size=32000``), for the message. Raises
+    IndexedDatasetError naming the file, the id and the document that holds it.
+    """
+    idx, bin_ = prefix + ".idx", prefix + ".bin"
+    summary = read_index_header(idx)
+    dtype = np.dtype(summary.dtype)
+    if dtype.kind == "u" and np.iinfo(dtype).max < vocab_size:
+        return summary  # no id this dtype can hold is out of range
+    num_tokens = os.path.getsize(bin_) // dtype.itemsize
+    if not num_tokens:
+        return summary
+    tokens = np.memmap(bin_, dtype, "r", shape=(num_tokens,))
+    for start, stop in _scan_ranges(num_tokens, dtype.itemsize, full):
+        block = np.asarray(tokens[start:stop])
+        if block.max() < vocab_size and (dtype.kind == "u" or block.min() >= 0):
+            continue
+        offset = int(np.flatnonzero((block >= vocab_size) | (block < 0))[0])
+        position, value = start + offset, block[offset].item()
+        raise IndexedDatasetError(
+            f"{bin_} holds token id {value} (token {position}, in document "
+            f"{_document_of(idx, summary, position)}) but {vocab_source}: ids must be in "
+            f"[0, {vocab_size})"
+        )
+    return summary
+
+
+def _document_of(idx: str, summary: IndexSummary, position: int) -> int:
+    """The document holding the token at ``position`` of the ``.bin``."""
+    _, pointers, documents = _index_arrays(idx, summary)
+    itemsize = np.dtype(summary.dtype).itemsize
+    sequence = int(np.searchsorted(pointers, position * itemsize, side="right")) - 1
+    return int(np.searchsorted(documents, sequence, side="right")) - 1

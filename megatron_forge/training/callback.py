@@ -19,8 +19,15 @@ from typing import Any, Optional
 
 
 class StopTraining(SystemExit):
-    """Raised by a callback to end the run early and cleanly (it saved what it needed):
-    ``close`` runs, ``on_error`` does not, and the process exits with ``code``."""
+    """Raised by a callback (or the trainer) to end the run early and cleanly, having
+    saved what it needed: ``close`` runs, ``on_error`` does not, and the process exits
+    with ``code``. ``reason`` and ``details`` go into ``<logging.dir>/exit_status.json``."""
+
+    reason = "stopped"
+
+    def __init__(self, code: int, details: Optional[dict[str, Any]] = None) -> None:
+        super().__init__(code)
+        self.details: dict[str, Any] = dict(details or {})
 
 
 class Callback:
@@ -42,6 +49,22 @@ class Callback:
 
     def on_eval_end(self, trainer: Any, metrics: dict[str, Any]) -> None:
         """After every evaluation."""
+
+    def on_progress(self, trainer: Any, activity: str) -> None:
+        """A sign of life short of a finished step: a training or evaluation microbatch
+        was read, a checkpoint save starts or ends (``activity`` says which). Called
+        often, on each rank on its own schedule: keep it cheap, start no collective."""
+
+    def on_event(self, trainer: Any, event: dict[str, Any]) -> None:
+        """Something the run did besides stepping, as a record with ``event`` (its kind),
+        ``step`` and a one-line ``message``: ``nonfinite_step`` (a step whose update was
+        refused), ``rollback``, ``nonfinite_stop``, ``checkpoint_refused``. Every rank
+        gets the same events."""
+
+    def finish_writes(self, trainer: Any) -> None:
+        """The run needs its newest checkpoint complete now: a rollback reloads it, a
+        stop names it. Finish writes in flight (all ranks call this; collectives are
+        allowed)."""
 
     def on_train_end(self, trainer: Any) -> None:
         """After the last step of a run that finished."""

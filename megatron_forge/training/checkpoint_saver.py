@@ -1,13 +1,20 @@
 """When to checkpoint: every ``checkpoint.save_interval`` steps or
 ``checkpoint.save_interval_minutes``, and at the end of the run. How to write one is
-:class:`megatron_forge.checkpointing.Checkpointer`'s business."""
+:class:`megatron_forge.checkpointing.Checkpointer`'s business.
+
+A checkpoint is never written while the newest step's loss or gradient norm was NaN/inf,
+nor from parameters that are not all finite: such a save is refused with a warning (and
+a ``checkpoint_refused`` event), and a due save is retried at the next finite step. So
+the tracker and retention only ever move on to checkpoints a run can continue from.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional
 
 from megatron_forge.checkpointing import Checkpointer
 from megatron_forge.training.callback import Callback
+from megatron_forge.training.nonfinite import parameters_finite
 
 if TYPE_CHECKING:
     from megatron_forge.training.trainer import Trainer
@@ -19,10 +26,35 @@ class CheckpointSaver(Callback):
     def __init__(self, checkpointer: Checkpointer) -> None:
         self.checkpointer = checkpointer
         self.failed = False
+        self.deferred = False
+        """A due save was refused (non-finite step): retried at the next finite step."""
 
-    def save(self, trainer: Trainer, blocking: bool = False) -> None:
-        """Checkpoint the trainer at its current step (all ranks together)."""
+    def _refusal(self, trainer: Trainer) -> Optional[str]:
+        """Why the trainer's state must not be saved now, or None. All ranks call this
+        together (one all-reduce)."""
+        if trainer.last_step_nonfinite():
+            return f"the loss or grad norm of step {trainer.step} was NaN/inf"
+        if trainer.model is not None and not parameters_finite(trainer.model):
+            return f"parameters are NaN/inf at step {trainer.step}"
+        return None
+
+    def save(self, trainer: Trainer, blocking: bool = False) -> bool:
+        """Checkpoint the trainer at its current step (all ranks together); False when
+        refused (see the module's docstring)."""
         with trainer.params_synced():
+            why_not = self._refusal(trainer)
+            if why_not is not None:
+                newest = self.checkpointer.root
+                trainer.emit(
+                    {
+                        "event": "checkpoint_refused",
+                        "step": trainer.step,
+                        "message": f"no checkpoint saved at step {trainer.step}: {why_not}; "
+                        f"the newest checkpoint under {newest} is kept as it is",
+                    }
+                )
+                return False
+            trainer.progress("checkpoint save")
             self.checkpointer.save(
                 trainer.model,
                 trainer.optimizer,
@@ -31,12 +63,20 @@ class CheckpointSaver(Callback):
                 trainer.cfg.to_dict(),
                 blocking=blocking,
             )
+        trainer.progress("checkpoint saved")
+        return True
 
     def on_step_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
         self.checkpointer.finalize(blocking=False)
-        if self.checkpointer.due(trainer.step):
-            self.save(trainer)
-            metrics["checkpoint_blocked_s"] = self.checkpointer.last_blocked_s
+        due = self.checkpointer.due(trainer.step)
+        if due or (self.deferred and not trainer.last_step_nonfinite()):
+            saved = self.save(trainer)
+            self.deferred = not saved
+            if saved:
+                metrics["checkpoint_blocked_s"] = self.checkpointer.last_blocked_s
+
+    def finish_writes(self, trainer: Trainer) -> None:
+        self.checkpointer.finalize(blocking=True)
 
     def on_train_end(self, trainer: Trainer) -> None:
         self.save(trainer, blocking=True)

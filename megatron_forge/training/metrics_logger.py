@@ -1,6 +1,10 @@
 """Metrics of every logged step and evaluation in ``<logging.dir>/metrics.jsonl``, and the
 console line in Megatron-LM's format (readable in Slurm .out files).
 
+Events (a skipped non-finite step, a rollback, a stop on non-finite steps, a refused
+checkpoint save) are records of their own in the same file, with an ``event`` key: read
+``[r for r in records if "event" not in r]`` for the step and evaluation metrics.
+
 Global rank 0 writes: the trainer all-reduces the loss and the timing, so it holds every
 metric.
 """
@@ -37,7 +41,8 @@ class MetricsLogger(Callback):
 
     def on_step_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
         step = metrics["step"]
-        if step % self.log_interval and step != trainer.cfg.train.train_iters:
+        logged = not step % self.log_interval or step == trainer.cfg.train.train_iters
+        if not logged and not metrics.get("nonfinite"):  # a non-finite step always shows
             return
         self._write(metrics)
         if is_rank0():
@@ -78,6 +83,10 @@ class MetricsLogger(Callback):
             parts.append(f"number of skipped iterations: {m['skipped_steps']:>3d}")
             parts.append(f"number of nan iterations: {m['nan_steps']:>3d}")
         return " | ".join(parts)
+
+    def on_event(self, trainer: Trainer, event: dict[str, Any]) -> None:
+        # The trainer prints the event's message; the record goes next to the metrics.
+        self._write({**event, "time": time.time()})
 
     def on_eval_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
         self._write(metrics)

@@ -1,12 +1,17 @@
-"""Megatron DDP wrapping, the (distributed) optimizer and the learning-rate schedule."""
+"""Megatron DDP wrapping, the (distributed) optimizer, its guarded step and the
+learning-rate schedule."""
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from megatron_forge.config import Config
+from megatron_forge.utils import all_reduce
 
 
 def wrap_ddp(cfg: Config, tf_config: Any, chunks: list[torch.nn.Module]) -> list[Any]:
@@ -99,3 +104,45 @@ def build_scheduler(cfg: Config, optimizer: Any) -> Any:
         wd_incr_steps=max(t.train_iters, 1) * gbs,
         wd_incr_style="constant",
     )
+
+
+@dataclass
+class StepResult:
+    updated: bool
+    """Whether the optimizer updated the parameters."""
+    grad_norm: float
+    """Gradient norm before clipping (NaN when fp16 loss scaling found an overflow)."""
+    nonfinite: bool
+    """The loss or the gradient norm was NaN/inf, so the update was refused."""
+
+
+@torch.no_grad()
+def optimizer_step(optimizer: Any, loss: float) -> StepResult:
+    """megatron-core's optimizer step, refusing the update when the loss or the gradient
+    norm is not finite.
+
+    megatron skips a step only when fp16 loss scaling finds inf/NaN gradients; in bf16 or
+    fp32 a NaN norm turns clipping into a multiplication by NaN and Adam then writes NaN
+    into every parameter and its moments. So the norm is computed first, as
+    ``ChainedOptimizer.step`` does, the decision is agreed on by all ranks, and only then
+    are the gradients clipped and the update applied. A refused step leaves parameters,
+    Adam moments and Adam's step count untouched.
+    """
+    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
+    if optimizer.prepare_grads():  # fp16 overflow: megatron already lowered the loss scale
+        return StepResult(False, float("nan"), not math.isfinite(loss))
+    grad_norm = float(optimizer.get_grad_norm())
+    bad = torch.tensor([0.0 if math.isfinite(loss) and math.isfinite(grad_norm) else 1.0])
+    if bool(all_reduce(bad, op=dist.ReduceOp.MAX).item()):
+        return StepResult(False, grad_norm, True)
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        params = [] if getattr(opt, "is_stub_optimizer", False) else opt.get_parameters()
+        if params and opt.config.clip_grad > 0.0:
+            clip_grad_by_total_norm_fp32(
+                params,
+                max_norm=opt.config.clip_grad,
+                total_norm=grad_norm,
+                use_decoupled_grad=opt.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8,
+            )
+    return StepResult(bool(optimizer.step_with_ready_grads()), grad_norm, False)

@@ -10,6 +10,12 @@ its ``checkpoint.load`` points at the same directory.
 
 This is one mechanism for both launchers: submitit's own USR2 handler (which would call
 ``checkpoint()`` on rank 0 only) is replaced in the training processes by this one.
+
+A signal during the last step does not requeue: the run finishes (final checkpoint,
+status 0). Under torchrun, which exits 1 whenever a worker exits non-zero, the outcome is
+in ``<logging.dir>/exit_status.json`` (:mod:`.exit_status`). torchrun forwards only
+SIGTERM, SIGINT, SIGHUP and SIGQUIT to its workers and kills them 30 s later; see the
+README for the flags that forward USR2 and allow a longer save.
 """
 
 from __future__ import annotations
@@ -17,21 +23,22 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 import torch.distributed as dist
 
+from megatron_forge.checkpointing import iteration_dir
 from megatron_forge.training.callback import Callback, StopTraining
+from megatron_forge.training.exit_status import EXIT_PREEMPTED, STATUS_FILE
 from megatron_forge.utils import all_reduce, is_rank0
 
 if TYPE_CHECKING:
     from megatron_forge.training.checkpoint_saver import CheckpointSaver
     from megatron_forge.training.trainer import Trainer
 
-EXIT_PREEMPTED = 3
-"""Exit status of a run that saved a checkpoint and stopped on a signal."""
+__all__ = ["EXIT_PREEMPTED", "Preempted", "PreemptionHandler", "requeue_slurm_job"]
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
 
@@ -39,8 +46,10 @@ SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
 class Preempted(StopTraining):
     """Raised out of the train loop after the checkpoint is saved."""
 
-    def __init__(self, signum: int) -> None:
-        super().__init__(EXIT_PREEMPTED)
+    reason = "preempted"
+
+    def __init__(self, signum: int, details: Optional[dict[str, Any]] = None) -> None:
+        super().__init__(EXIT_PREEMPTED, {"signal": signal.Signals(signum).name, **(details or {})})
         self.signum = signum
 
 
@@ -89,32 +98,47 @@ class PreemptionHandler(Callback):
         flag = torch.tensor([self.received], dtype=torch.int64)
         return int(all_reduce(flag, op=dist.ReduceOp.MAX).item())
 
+    def _save(self, trainer: Trainer) -> Optional[str]:
+        """Save (blocking: waits for a background save in flight, then writes this step's);
+        the checkpoint's path, or None when there is no saver or it refused (non-finite
+        step: the newest checkpoint stays the one to resume from)."""
+        if self.saver is None or not self.saver.save(trainer, blocking=True):
+            return None
+        return str(iteration_dir(self.saver.checkpointer.root, trainer.step))
+
     def on_step_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
         signum = self._agreed_signal()
         if not signum:
             return
         rank0 = is_rank0()
         name = signal.Signals(signum).name
-        if self.saver is None:
+        if trainer.step >= trainer.cfg.train.train_iters:
             if rank0:
                 print(
-                    f"{name} at step {trainer.step}: checkpoint.save is unset, so nothing is "
-                    "saved and the job is not requeued",
-                    file=sys.stderr,
+                    f"{name} at the last step ({trainer.step}): finishing the run (final "
+                    "checkpoint) instead of requeueing it",
                     flush=True,
                 )
-            raise Preempted(signum)
-        # Blocking: waits for an in-flight background save, then writes this step's.
-        self.saver.save(trainer, blocking=True)
+            return
+        checkpoint, requeue = self._save(trainer), "not requeued: checkpoint.save is unset"
         if rank0:
+            if self.saver is not None:
+                why_not = requeue_slurm_job(self.max_requeues)
+                requeue = (
+                    "requeued the Slurm job" if why_not is None else f"not requeued: {why_not}"
+                )
             print(
-                f"{name} at step {trainer.step}: saved checkpoint to "
-                f"{self.saver.checkpointer.root}",
+                f"{name} at step {trainer.step}: "
+                + (f"saved checkpoint {checkpoint}" if checkpoint else "no checkpoint saved")
+                + f"; {requeue}. Exiting with status {EXIT_PREEMPTED} (preempted), recorded "
+                f"in {Path(trainer.cfg.logging.dir) / STATUS_FILE}",
                 flush=True,
             )
-            why_not = requeue_slurm_job(self.max_requeues)
-            print(
-                "requeued the Slurm job" if why_not is None else f"not requeued: {why_not}",
-                flush=True,
-            )
-        raise Preempted(signum)
+        raise Preempted(
+            signum,
+            {
+                "checkpoint": checkpoint,
+                "requeue": requeue,
+                "message": f"{name} at step {trainer.step}",
+            },
+        )

@@ -2,41 +2,69 @@
 
 :class:`Trainer` builds everything once (``__init__``), then :meth:`Trainer.train` runs
 the loop. The per-step work is :meth:`train_step`; side concerns are callbacks, which
-:meth:`Trainer.close` shuts down on every exit: finished, preempted or failed.
+:meth:`Trainer.close` shuts down on every exit: finished, preempted or failed. How the
+run ended is its exit status and ``<logging.dir>/exit_status.json``
+(:mod:`.exit_status`).
+
+A step whose loss or gradient norm is not finite updates nothing; what the run does
+after such steps (go on, roll back, stop) is :mod:`.nonfinite`'s policy.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import math
 import resource
 import sys
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 
-from megatron_forge.checkpointing import TrainState, load_checkpoint
-from megatron_forge.config import Config, ConfigError
+from megatron_forge.checkpointing import (
+    TrainState,
+    iteration_dir,
+    iteration_to_load,
+    load_checkpoint,
+)
+from megatron_forge.config import CheckpointConfig, Config, ConfigError
 from megatron_forge.data.datasets import build_datasets, load_run_tokenizer, microbatch_iterator
+from megatron_forge.errors import CheckpointError, ForgeError
 from megatron_forge.models import build_model, build_transformer_config
 from megatron_forge.training.callback import Callback, StopTraining
+from megatron_forge.training.exit_status import (
+    EXIT_ERROR,
+    EXIT_FINISHED,
+    clear_exit_status,
+    write_exit_status,
+)
 from megatron_forge.training.moe_metrics import MoEMetrics
-from megatron_forge.training.optim import build_optimizer, build_scheduler, wrap_ddp
+from megatron_forge.training.nonfinite import NonFiniteGuard, NonFiniteStop
+from megatron_forge.training.optim import (
+    build_optimizer,
+    build_scheduler,
+    optimizer_step,
+    wrap_ddp,
+)
+from megatron_forge.training.resume import apply_config_hparams, check_resume
 from megatron_forge.training.step import forward_step, reduce_reported_loss
-from megatron_forge.utils import all_reduce
+from megatron_forge.utils import all_reduce, is_rank0
 
 
 class TimedIterator:
-    """Wraps the data stream to measure time spent waiting for batches (``wait_s``)."""
+    """Wraps the data stream to measure time spent waiting for batches (``wait_s``) and
+    report each batch read as progress (``on_batch``)."""
 
-    def __init__(self, inner: Iterator) -> None:
+    def __init__(self, inner: Iterator, on_batch: Optional[Callable[[], None]] = None) -> None:
         self.inner = inner
         self.wait_s = 0.0
+        self.on_batch = on_batch
 
     def __iter__(self) -> TimedIterator:
         return self
@@ -44,18 +72,36 @@ class TimedIterator:
     def __next__(self) -> Any:
         start = time.perf_counter()
         try:
-            return next(self.inner)
+            batch = next(self.inner)
         finally:
             self.wait_s += time.perf_counter() - start
+        if self.on_batch is not None:
+            self.on_batch()
+        return batch
 
 
 class Trainer:
+    status_dir: Optional[Path] = None
+    """Where the run's outcome is recorded (``logging.dir``); set by ``__init__``."""
+    guard: Optional[NonFiniteGuard] = None
+    """Counts non-finite steps and decides what follows; set by ``__init__``."""
+
     def __init__(self, cfg: Config, world_size: int, callbacks: list[Callback]) -> None:
         from megatron.core import parallel_state
         from megatron.core.distributed import finalize_model_grads
 
+        if cfg.train.nonfinite_policy == "rollback" and not cfg.checkpoint.save:
+            raise ConfigError(
+                "train.nonfinite_policy=rollback reloads the newest checkpoint, but "
+                "checkpoint.save is unset; set checkpoint.save (and save_interval) or "
+                "train.nonfinite_policy=skip"
+            )
         self.cfg = cfg
         self.callbacks = callbacks
+        self.status_dir = Path(cfg.logging.dir)
+        if is_rank0():
+            clear_exit_status(self.status_dir)
+        self.guard = NonFiniteGuard(cfg.train)
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.world_size = world_size
@@ -90,11 +136,13 @@ class Trainer:
         """Callback states loaded from the checkpoint, carried into the next one even when
         this run has no callback to take them (W&B switched off for one job, say)."""
         if cfg.checkpoint.load:
+            check_resume(cfg, self.scheduler)  # a mismatch fails before the load
             self._resume(
                 load_checkpoint(
                     cfg.checkpoint.load, self.model, self.optimizer, self.scheduler, cfg.checkpoint
                 )
             )
+            apply_config_hparams(cfg, self.optimizer, self.scheduler)
         self.train_ds, self.valid_ds = build_datasets(cfg, self.tokenizer)
         self.train_iter, self.data_timer = self._iterators(
             self.train_ds, start_sample=self.consumed_samples
@@ -116,28 +164,50 @@ class Trainer:
     def _resume(self, state: TrainState) -> None:
         self.step, self.consumed_samples = state.step, state.consumed_samples
         self._callback_states = dict(state.callbacks)
-        for cb in self.callbacks:
+        for cb in [*self.callbacks, self.guard]:
             if cb.state_key is not None and cb.state_key in state.callbacks:
                 cb.load_state_dict(state.callbacks[cb.state_key])
 
     def train_state(self) -> TrainState:
         """Where the run stands, with the callbacks' resumable state, for a checkpoint."""
         states = dict(self._callback_states)
-        for cb in self.callbacks:
+        for cb in [*self.callbacks, *([self.guard] if self.guard else [])]:
             if cb.state_key is not None and (state := cb.state_dict()):
                 states[cb.state_key] = state
         return TrainState(self.step, self.consumed_samples, states)
 
+    def progress(self, activity: str) -> None:
+        """Tell the callbacks the run is alive (hang detection) while no step ends."""
+        for cb in self.callbacks:
+            cb.on_progress(self, activity)
+
+    def emit(self, event: dict[str, Any], warn: bool = True) -> None:
+        """Print an event's message (rank 0) and hand it to every callback."""
+        if is_rank0():
+            prefix = "WARNING: " if warn else ""
+            print(f"{prefix}{event['message']}", file=sys.stderr, flush=True)
+        for cb in self.callbacks:
+            cb.on_event(self, event)
+
+    def last_step_nonfinite(self) -> bool:
+        """Whether the newest step's loss or gradient norm was NaN/inf."""
+        return bool(self.guard is not None and self.guard.streak)
+
     def _iterators(
-        self, dataset: Any, start_sample: int = 0, num_steps: Optional[int] = None
+        self,
+        dataset: Any,
+        start_sample: int = 0,
+        num_steps: Optional[int] = None,
+        activity: str = "training batch",
     ) -> tuple[list[Iterator], TimedIterator]:
         """One microbatch stream per model chunk (each virtual pipeline chunk consumes the
         same microbatches in its own order, as megatron's interleaved schedule expects),
-        and the timer of the underlying stream."""
+        and the timer of the underlying stream, which reports each batch as ``activity``."""
         stream = TimedIterator(
             microbatch_iterator(
                 dataset, self.cfg, self.dp_rank, self.dp_size, start_sample, num_steps
-            )
+            ),
+            on_batch=lambda: self.progress(activity),
         )
         chunks = list(itertools.tee(stream, len(self.model))) if len(self.model) > 1 else [stream]
         return chunks, stream
@@ -165,18 +235,20 @@ class Trainer:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         loss = self._forward_backward(self.train_iter, forward_only=False)
-        update_ok, grad_norm, _ = self.optimizer.step()
-        self.scheduler.step(increment=self.cfg.train.global_batch_size)
+        result = optimizer_step(self.optimizer, loss)
+        if result.updated:  # as Megatron-LM: a skipped step does not advance the lr schedule
+            self.scheduler.step(increment=self.cfg.train.global_batch_size)
         self.step += 1
         self.consumed_samples += self.cfg.train.global_batch_size
-        self.num_skipped += not update_ok
-        self.num_nan += not math.isfinite(loss)
+        self.num_skipped += not result.updated
+        self.num_nan += result.nonfinite
         metrics = {
             "step": self.step,
             "loss": loss,
             "lr": self.optimizer.param_groups[0]["lr"],
-            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-            "skipped": not update_ok,
+            "grad_norm": result.grad_norm,
+            "skipped": not result.updated,
+            "nonfinite": result.nonfinite,
             "skipped_steps": self.num_skipped,
             "nan_steps": self.num_nan,
             "consumed_samples": self.consumed_samples,
@@ -227,7 +299,9 @@ class Trainer:
         """Mean loss over ``eval_iters`` global batches, the same ones at every evaluation."""
         for chunk in self.model:
             chunk.eval()
-        data, _ = self._iterators(self.valid_ds, num_steps=self.cfg.train.eval_iters)
+        data, _ = self._iterators(
+            self.valid_ds, num_steps=self.cfg.train.eval_iters, activity="evaluation batch"
+        )
         with self.params_synced():
             losses = [
                 self._forward_backward(data, forward_only=True)
@@ -244,20 +318,59 @@ class Trainer:
     def train(self) -> None:
         """Run to ``train.train_iters`` (or evaluate only, with ``train.skip_train``).
 
-        A failure reaches every callback's ``on_error``; a callback's :class:`StopTraining`
-        (preemption: checkpoint saved) is a clean stop, not a failure. Either way, and on
-        success, every callback's ``close`` runs."""
+        A failure reaches every callback's ``on_error``; a :class:`StopTraining`
+        (preemption: checkpoint saved; non-finite steps) is a clean stop, not a failure.
+        Either way, and on success, every callback's ``close`` runs, then the outcome is
+        recorded in ``<logging.dir>/exit_status.json``."""
         finished = False
+        outcome: BaseException | None = None
         try:
             self._loop()
             finished = True
-        except StopTraining:
+        except StopTraining as stop:
+            outcome = stop
             raise
         except BaseException as error:
+            outcome = error
             self._on_error(error)
             raise
         finally:  # a failing close fails a finished run; otherwise its exit stands
-            self.close(raise_errors=finished)
+            try:
+                self.close(raise_errors=finished)
+            except BaseException as error:
+                outcome = error
+                raise
+            finally:
+                self._record_outcome(outcome)
+
+    def _record_outcome(self, outcome: Optional[BaseException]) -> None:
+        if self.status_dir is None:
+            return
+        if outcome is None:
+            if is_rank0():
+                write_exit_status(self.status_dir, EXIT_FINISHED, "finished", self.step)
+        elif isinstance(outcome, StopTraining):
+            if is_rank0():
+                details = {"step": self.step, **outcome.details}
+                step = details.pop("step")
+                message = details.pop("message", "")
+                write_exit_status(
+                    self.status_dir, outcome.code, outcome.reason, step, message, **details
+                )
+        else:  # any failing rank may be the only one to get here
+            status = 2 if isinstance(outcome, ForgeError) else EXIT_ERROR
+            if isinstance(outcome, SystemExit) and isinstance(outcome.code, int):
+                status = outcome.code
+            elif isinstance(outcome, KeyboardInterrupt):
+                status = 130
+            write_exit_status(
+                self.status_dir,
+                status,
+                "error",
+                self.step,
+                f"{type(outcome).__name__}: {outcome}",
+                only_if_absent=not is_rank0(),
+            )
 
     def _loop(self) -> None:
         t = self.cfg.train
@@ -268,12 +381,97 @@ class Trainer:
             cb.on_train_start(self)
         while self.step < t.train_iters:
             metrics = self.train_step()
+            nonfinite = bool(metrics.get("nonfinite"))
+            if self.guard is not None:  # before the callbacks: a checkpoint save asks
+                self.guard.record(self.step, nonfinite)
+            if nonfinite:
+                self.emit(self._nonfinite_event(metrics))
             for cb in self.callbacks:
                 cb.on_step_end(self, metrics)
-            if t.eval_interval and self.step % t.eval_interval == 0 and self.valid_ds:
+            if nonfinite:
+                self._after_nonfinite()
+            elif t.eval_interval and self.step % t.eval_interval == 0 and self.valid_ds:
                 self._run_eval()
         for cb in self.callbacks:
             cb.on_train_end(self)
+
+    # -----------------------------------------------------------------------------------
+    # Non-finite steps: skip, roll back, stop
+
+    def _nonfinite_event(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        return {  # the step's own record (loss, grad_norm) follows in metrics.jsonl
+            "event": "nonfinite_step",
+            "step": self.step,
+            "consecutive": len(self.guard.streak),
+            "message": self.guard.skipped_message(self.step, metrics["loss"], metrics["grad_norm"]),
+        }
+
+    def _newest_checkpoint(self) -> Optional[tuple[str, CheckpointConfig, int]]:
+        """What a rollback reloads: the newest checkpoint of this run's checkpoint.save,
+        else the one it started from (checkpoint.load); as (root, how to load, iteration).
+        Everything is loaded back, whatever load_optimizer and load_rng say."""
+        ck = dataclasses.replace(self.cfg.checkpoint, load_optimizer=True, load_rng=True)
+        candidates = [(ck.save, dataclasses.replace(ck, load_iteration=None)), (ck.load, ck)]
+        for root, how in candidates:
+            if not root:
+                continue
+            try:
+                iteration = iteration_to_load(root, how)
+            except CheckpointError:
+                continue
+            if iteration is not None:
+                return str(root), how, iteration
+        return None
+
+    def _after_nonfinite(self) -> None:
+        action = self.guard.decide()
+        if action is None:
+            return
+        for cb in self.callbacks:
+            cb.finish_writes(self)
+        newest, why_not = self._newest_checkpoint(), ""
+        if action == "rollback":
+            if newest is not None:
+                self._rollback(*newest)
+                return
+            why_not = "no checkpoint has been written yet"
+        path = str(iteration_dir(newest[0], newest[2])) if newest else None
+        message = self.guard.stop_message(self.step, path, why_not)
+        self.emit({"event": "nonfinite_stop", "step": self.step, "message": message}, False)
+        raise NonFiniteStop(message, self.step)
+
+    def _rollback(self, root: str, how: CheckpointConfig, iteration: int) -> None:
+        """Reload a checkpoint (model, optimizer, scheduler, RNG) and go on from its step
+        with the data where it is now: the batches read since that checkpoint, the bad
+        ones among them, are skipped."""
+        bad_steps = self.guard.steps_text()
+        from_step, checkpoint = self.step, iteration_dir(root, iteration)
+        self.progress("rollback")
+        state = load_checkpoint(root, self.model, self.optimizer, self.scheduler, how)
+        apply_config_hparams(self.cfg, self.optimizer, self.scheduler)
+        self.progress("rollback done")
+        skip_from = state.consumed_samples
+        self.guard.rolled_back()
+        self.step = state.step
+        message = (
+            f"rollback {self.guard.rollbacks} of {self.guard.max_rollbacks} "
+            f"(train.max_rollbacks): loss or grad norm NaN/inf at {bad_steps}; reloaded "
+            f"{checkpoint} (step {state.step}) and skipping the "
+            f"{self.consumed_samples - skip_from} samples read since it (samples "
+            f"{skip_from}-{self.consumed_samples - 1}); training continues from step "
+            f"{state.step} at sample {self.consumed_samples}"
+        )
+        self.emit(
+            {
+                "event": "rollback",
+                "step": from_step,
+                "to_step": state.step,
+                "checkpoint": str(checkpoint),
+                "skipped_samples": [skip_from, self.consumed_samples],
+                "rollbacks": self.guard.rollbacks,
+                "message": message,
+            }
+        )
 
     def _on_error(self, error: BaseException) -> None:
         for cb in self.callbacks:

@@ -1,13 +1,22 @@
 """Hang detection: exit (and requeue) when training stops making progress.
 
 Each rank runs a daemon thread that writes a heartbeat file
-``<logging.dir>/heartbeat/rank{R}.json`` (its last completed step, host, pid, time) every
-few seconds and checks when this rank last completed a step. When that is longer ago than
-``train.hang_timeout_s`` (a peer stopped with SIGSTOP, a collective that never returns, a
-dead node), the thread reads every rank's heartbeat, names the stalled ones (a stale
-heartbeat means a frozen process; a lower step count means a rank that fell behind),
-asks Slurm to requeue the job and exits the process with :data:`EXIT_HUNG`, so the
-allocation is not burned waiting on NCCL/gloo timeouts.
+``<logging.dir>/heartbeat/rank{R}.json`` (its last completed step, what it did last,
+host, pid, time) every few seconds, and the main thread rewrites it at every step end,
+so a frozen rank's file shows its real last step. The thread checks when this rank last
+showed progress: a completed step, a training or evaluation microbatch read, a checkpoint
+save starting or ending (:meth:`~.callback.Callback.on_progress`). A long evaluation or
+a slow first step (its batches still arrive one by one) therefore never counts as a
+hang, while one microbatch, one checkpoint save or one collective taking longer than
+``train.hang_timeout_s`` does (a
+peer stopped with SIGSTOP, a collective that never returns, a dead node or filesystem).
+Then the thread reads every rank's heartbeat, names the stalled ones (a stale heartbeat
+means a frozen process; a lower step count means a rank that fell behind), asks Slurm to
+requeue the job, records the outcome in ``<logging.dir>/exit_status.json`` and exits the
+process with :data:`EXIT_HUNG`, so the allocation is not burned waiting on NCCL/gloo
+timeouts.
+
+The watchdog stops before the final checkpoint save: a finished run is never requeued.
 
 Files rather than the c10d store: the store is served by rank 0's process, so it freezes
 with rank 0, while reading a file never blocks on another process.
@@ -21,20 +30,21 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch.distributed as dist
 
 from megatron_forge.training.callback import Callback
+from megatron_forge.training.exit_status import EXIT_HUNG, write_exit_status
 from megatron_forge.training.preemption import requeue_slurm_job
 from megatron_forge.utils import world_size
 
 if TYPE_CHECKING:
     from megatron_forge.training.trainer import Trainer
 
-EXIT_HUNG = 4
-"""Exit status of a rank whose watchdog fired."""
+__all__ = ["EXIT_HUNG", "HangWatchdog", "describe_stalled"]
 
 
 def describe_stalled(heartbeats: dict[int, dict[str, Any]], now: float, stale_s: float) -> str:
@@ -46,10 +56,11 @@ def describe_stalled(heartbeats: dict[int, dict[str, Any]], now: float, stale_s:
     lines = []
     for rank, hb in sorted(heartbeats.items()):
         age = now - hb["time"]
+        doing = f" ({hb['activity']})" if hb.get("activity") else ""
         if age > stale_s:
-            why = f"no heartbeat for {age:.0f} s, last at step {hb['step']} (frozen or dead)"
+            why = f"no heartbeat for {age:.0f} s, last at step {hb['step']}{doing} (frozen or dead)"
         elif hb["step"] < top_step:
-            why = f"behind: at step {hb['step']}, others at {top_step}"
+            why = f"behind: at step {hb['step']}{doing}, others at {top_step}"
         else:
             continue
         lines.append(f"  rank {rank} on host {hb['host']} (pid {hb['pid']}): {why}")
@@ -57,8 +68,12 @@ def describe_stalled(heartbeats: dict[int, dict[str, Any]], now: float, stale_s:
 
 
 class HangWatchdog(Callback):
+    exit_process: Callable[[int], Any] = staticmethod(os._exit)
+    """How the firing thread ends the process (``os._exit``: no cleanup that could hang)."""
+
     def __init__(self, run_dir: str | Path, timeout_s: float, max_requeues: int) -> None:
-        self.dir = Path(run_dir) / "heartbeat"
+        self.run_dir = Path(run_dir)
+        self.dir = self.run_dir / "heartbeat"
         self.timeout_s = timeout_s
         self.max_requeues = max_requeues
         self.interval_s = min(5.0, timeout_s / 4)
@@ -66,16 +81,31 @@ class HangWatchdog(Callback):
         self.world = world_size()
         self.host = socket.gethostname()
         self.step = 0
+        self.activity = "starting"
         self.last_progress = time.monotonic()
+        self._lock = threading.Lock()  # the thread and the main thread both write the file
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
     def _beat(self) -> None:
-        record = {"step": self.step, "time": time.time(), "host": self.host, "pid": os.getpid()}
+        record = {
+            "step": self.step,
+            "activity": self.activity,
+            "time": time.time(),
+            "host": self.host,
+            "pid": os.getpid(),
+        }
         path = self.dir / f"rank{self.rank}.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(record))
-        os.replace(tmp, path)
+        with self._lock:
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(record))
+            os.replace(tmp, path)
+
+    def _safe_beat(self) -> None:
+        try:
+            self._beat()
+        except OSError:
+            pass  # a full or flaky filesystem must not kill training
 
     def _read_all(self) -> dict[int, dict[str, Any]]:
         beats = {}
@@ -92,44 +122,59 @@ class HangWatchdog(Callback):
         stalled = describe_stalled(beats, time.time(), stale_s=3 * self.interval_s)
         missing = sorted(set(range(self.world)) - set(beats))
         message = (
-            f"watchdog: rank {self.rank} on host {self.host} completed no training step for "
-            f"{idle:.0f} s (train.hang_timeout_s={self.timeout_s:g}; last step {self.step}).\n"
+            f"watchdog: rank {self.rank} on host {self.host} made no progress for "
+            f"{idle:.0f} s (train.hang_timeout_s={self.timeout_s:g}; last step {self.step}, "
+            f"then: {self.activity}).\n"
             + (f"Stalled ranks:\n{stalled}\n" if stalled else "")
             + (f"No heartbeat file from ranks {missing}.\n" if missing else "")
         )
         why_not = requeue_slurm_job(self.max_requeues)
         message += "Requeued the Slurm job." if why_not is None else f"Not requeued: {why_not}."
+        message += f" Exiting with status {EXIT_HUNG} (hung)."
         print(message, file=sys.stderr, flush=True)
-        os._exit(EXIT_HUNG)
+        write_exit_status(
+            self.run_dir,
+            EXIT_HUNG,
+            "hung",
+            self.step,
+            message,
+            rank=self.rank,
+            requeued=why_not is None,
+        )
+        self.exit_process(EXIT_HUNG)
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
-            try:
-                self._beat()
-            except OSError:
-                pass  # a full or flaky filesystem must not kill training
+            self._safe_beat()
             if time.monotonic() - self.last_progress > self.timeout_s:
                 self._fire()
 
-    def _progress(self, trainer: Trainer) -> None:
-        self.step = trainer.step
+    def _progress(self, activity: str) -> None:
+        self.activity = activity
         self.last_progress = time.monotonic()
 
     def on_train_start(self, trainer: Trainer) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        self._progress(trainer)
+        self.step = trainer.step
+        self._progress("first step")
         self._beat()
         self._thread = threading.Thread(target=self._loop, name="forge-watchdog", daemon=True)
         self._thread.start()
 
+    def on_progress(self, trainer: Trainer, activity: str) -> None:
+        self._progress(activity)
+
     def on_step_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
-        self._progress(trainer)
+        self.step = trainer.step
+        self._progress("step end")
+        self._safe_beat()
 
     def on_eval_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
-        self._progress(trainer)
+        self._progress("evaluation end")
 
     def on_train_end(self, trainer: Trainer) -> None:
-        # Stop watching before the final checkpoint save, which is no training step.
+        # Stop watching before the final checkpoint save: once the last step is done the
+        # run must finish, never be requeued.
         self._stop.set()
 
     def close(self, trainer: Trainer) -> None:

@@ -363,3 +363,72 @@ def test_append_eod_needs_an_eos_token(
         "tokenizer with one (SentencePiece: eos_id, Hugging Face: eos_token in "
         "tokenizer_config.json)"
     )
+
+
+def test_empty_input_is_an_error_and_writes_nothing(
+    preprocess_tool: ModuleType, spm_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """No records, only blank documents, or only bad ones: an error naming the input, no
+    partial files, and an existing dataset kept even with --overwrite."""
+    out = tmp_path / "out" / "c"
+    tok_args = ["--tokenizer", str(spm_model), "--output-prefix", str(out), "--append-eod"]
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert run_main(preprocess_tool, capsys, "--input", str(empty), *tok_args) == (
+        1,
+        f"error: --input {empty}: no records (the files are empty); {out}_text_document.bin/.idx "
+        "not written (existing files are kept)",
+    )
+    blank = write_jsonl(tmp_path / "blank.jsonl", records(["", "  \n ", "\t"]) + [""])
+    assert run_main(preprocess_tool, capsys, "--input", str(blank), *tok_args) == (
+        1,
+        f"error: --input {blank}: no documents under key 'text', only 3 empty or "
+        f"whitespace-only; {out}_text_document.bin/.idx not written (existing files are kept)",
+    )
+    bad = write_jsonl(tmp_path / "bad.jsonl", ["not json", records([" "])[0]])
+    code, err = run_main(
+        preprocess_tool, capsys, "--input", str(bad), *tok_args, "--skip-bad-records"
+    )
+    assert (code, err.splitlines()[-1]) == (
+        1,
+        f"error: --input {bad}: no documents under key 'text', only 1 empty or whitespace-only "
+        f"and 1 bad records skipped; {out}_text_document.bin/.idx not written (existing files "
+        "are kept)",
+    )
+    empty_parquet = tmp_path / "rows.parquet"
+    pq.write_table(pa.table({"text": pa.array([], pa.string())}), empty_parquet)
+    code, err = run_main(preprocess_tool, capsys, "--input", str(empty_parquet), *tok_args)
+    assert (code, err.split(";")[0]) == (
+        1,
+        f"error: --input {empty_parquet}: no records (the files are empty)",
+    )
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+    good = write_jsonl(tmp_path / "good.jsonl", records(TEXTS[:3]))
+    assert preprocess_tool.main(["--input", str(good), *tok_args]) == 0
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    assert (
+        run_main(preprocess_tool, capsys, "--input", str(blank), *tok_args, "--overwrite")[0] == 1
+    )
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
+
+
+def test_several_keys_one_empty(
+    preprocess_tool: ModuleType, spm_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    lines = [json.dumps({"text": t, "title": ""}) for t in TEXTS[:3]]
+    data = write_jsonl(tmp_path / "in.jsonl", lines)
+    prefix = tmp_path / "c"
+    code, err = run_main(
+        preprocess_tool,
+        capsys,
+        *("--input", str(data), "--output-prefix", str(prefix), "--tokenizer", str(spm_model)),
+        *("--json-keys", "text", "title"),
+    )
+    assert (code, err) == (
+        1,
+        f"error: --input {data}: no documents under key 'title', only 3 empty or "
+        f"whitespace-only; {prefix}_title_document.bin/.idx not written (existing files are "
+        "kept)",
+    )
+    assert list(tmp_path.iterdir()) == [data]  # not the text dataset either
