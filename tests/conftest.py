@@ -15,6 +15,25 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Two tiers: `pytest -m "not slow"` (units, and component tests that run gloo ranks
+# in-process: tests/multiprocess.py) for the inner loop, and the whole suite (CI). A test is
+# end-to-end, so slow, when it is marked so or needs one of these fixtures: the sample
+# corpus built by the real pipeline, checkpoints from real training runs, a real Slurm.
+END_TO_END_FIXTURES = {
+    "sample_data",
+    "dense_ckpt",
+    "qwen2_ckpt",
+    "moe_ckpt",
+    "local_slurm",
+    "multinode_slurm",
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if END_TO_END_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session")
 def sample_data(tmp_path_factory: pytest.TempPathFactory) -> Path:

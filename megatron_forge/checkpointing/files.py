@@ -194,17 +194,18 @@ def _refuse(where: str, err: Exception) -> CheckpointError:
     )
 
 
-def _weights_only_load(open_file: Callable[[], Any], types: list[Any]) -> Any:
+def _weights_only_load(source: Callable[[], Any], types: list[Any]) -> Any:
     with warnings.catch_warnings(), torch.serialization.safe_globals(types):
         warnings.simplefilter("ignore")
-        return torch.load(open_file(), map_location="cpu", weights_only=True)
+        return torch.load(source(), map_location="cpu", weights_only=True)
 
 
-def _torch_load_trusted(open_file: Callable[[], Any], where: str) -> Any:
-    """torch.load(weights_only=True) with our allowlist, then (only when that refuses a
-    type) with megatron-core's added; any other failure is a broken file."""
+def _torch_load_trusted(source: Callable[[], Any], where: str) -> Any:
+    """torch.load(weights_only=True) of ``source()`` (a path or a fresh buffer) with our
+    allowlist, then (only when that refuses a type) with megatron-core's added; any other
+    failure is a broken file."""
     try:
-        return _weights_only_load(open_file, _numpy_rng_types())
+        return _weights_only_load(source, _numpy_rng_types())
     except Exception as err:  # noqa: BLE001 - torch raises many types for a broken file
         if _untrusted_global(err) is None:
             raise _refuse(where, err) from None
@@ -214,7 +215,7 @@ def _torch_load_trusted(open_file: Callable[[], Any], where: str) -> Any:
     except ImportError:  # without megatron-core our own list is all there is
         raise _refuse(where, first) from None
     try:
-        return _weights_only_load(open_file, _numpy_rng_types() + extra)
+        return _weights_only_load(source, _numpy_rng_types() + extra)
     except Exception as err:  # noqa: BLE001
         raise _refuse(where, err) from None
 
@@ -230,7 +231,7 @@ def load_common_state(directory: str | Path) -> dict[str, Any]:
         raise CheckpointError(
             f"{path} is missing: {directory} is incomplete or not a torch_dist checkpoint"
         )
-    common = _torch_load_trusted(lambda: open(path, "rb"), str(path))  # noqa: SIM115
+    common = _torch_load_trusted(lambda: path, str(path))
     if not isinstance(common, dict):
         raise CheckpointError(f"{path} holds a {type(common).__name__}, not a dict of entries")
     return common

@@ -57,12 +57,6 @@ def iteration_to_load(root: str | Path, ckpt_cfg: CheckpointConfig) -> Optional[
     if resumes_itself:
         owner = read_owner(root)
         requested = effective_load_iteration(root, owner, requested)
-        if requested is None and ckpt_cfg.load_iteration is not None:
-            _warn(
-                f"checkpoint.load_iteration={ckpt_cfg.load_iteration}: an earlier job of this "
-                f"run resumed from it and saved newer checkpoints since; resuming from the "
-                f"tracker's, as a requeued job should"
-            )
     # Checkpoints a run kept when it took the directory over are not the directory's own.
     iteration = resolve_iteration(root, requested, kept_from_previous_owner(root))
     if iteration is None and not resumes_itself:
@@ -90,6 +84,12 @@ def load_checkpoint(
     iteration = iteration_to_load(root, ckpt_cfg)
     if iteration is None:
         return TrainState()
+    if ckpt_cfg.load_iteration not in (None, iteration):
+        _warn(
+            f"checkpoint.load_iteration={ckpt_cfg.load_iteration}: an earlier job of this run "
+            f"resumed from it and saved newer checkpoints since; resuming from the tracker's "
+            f"{iteration}, as a requeued job should"
+        )
     path = iteration_dir(root, iteration)
     common = dist_checkpointing.load_common_state_dict(str(path))
     with_optimizer = ckpt_cfg.load_optimizer and common.get("has_optimizer", True)

@@ -7,6 +7,11 @@
 
 (also ``python tools/convert_checkpoint.py ...``). Outputs are written to a temporary
 directory and renamed when complete; a non-empty OUT_DIR is refused without --overwrite.
+An OUT_DIR that is, contains or lies inside the input (or is or contains the run
+directory the checkpoint belongs to) is always refused, and --overwrite replaces only
+earlier exports: never a directory holding a training checkpoint or a run's metrics.
+Checkpoints are read without running code from them (pickles are loaded with an
+allowlist of types), so converting one someone shared is safe.
 """
 
 from __future__ import annotations

@@ -125,18 +125,21 @@ def _training_work(out_dir: Path, depth: int = 3) -> Optional[str]:
     for _ in range(depth):
         below = []
         for directory in level:
-            with os.scandir(directory) as entries:
-                for entry in entries:
-                    seen += 1
-                    if seen > MAX_SCANNED:
-                        return f"more than {MAX_SCANNED} files and directories (not all checked)"
-                    suffix = entry.name[len("iter_") :]
-                    if entry.is_dir(follow_symlinks=False):
-                        if entry.name.startswith("iter_") and suffix.isdigit() and int(suffix):
-                            return f"the checkpoint {entry.path}"
-                        below.append(Path(entry.path))
-                    elif entry.name == "metrics.jsonl":
-                        return f"the run metrics {entry.path}"
+            try:
+                entries = list(os.scandir(directory))
+            except OSError as err:
+                return f"{directory}, which cannot be listed ({err.strerror})"
+            for entry in entries:
+                seen += 1
+                if seen > MAX_SCANNED:
+                    return f"more than {MAX_SCANNED} files and directories (not all checked)"
+                suffix = entry.name[len("iter_") :]
+                if entry.is_dir(follow_symlinks=False):
+                    if entry.name.startswith("iter_") and suffix.isdigit() and int(suffix):
+                        return f"the checkpoint {entry.path}"
+                    below.append(Path(entry.path))
+                elif entry.name == "metrics.jsonl":
+                    return f"the run metrics {entry.path}"
         level = below
     return None
 
@@ -160,15 +163,19 @@ def check_output(
     if run is not None and _relation(out_dir, run) in ("is", "contains"):
         raise ConvertError(
             f"output {out_dir} {_relation(out_dir, run)} the run directory {run} of the "
-            f"checkpoint {source}; writing there would replace the run and its checkpoints. "
+            f"checkpoint {source}; replacing it would delete the run and its checkpoints. "
             "Choose an output directory outside the run"
         )
     relation = _relation(out_dir, source)
     if relation is not None:
+        harm = {
+            "is": f"writing there would replace the {source_kind} being read",
+            "contains": f"replacing it would delete the {source_kind} being read",
+            "lies inside": f"the output would be mixed into the {source_kind} being read",
+        }[relation]
         raise ConvertError(
-            f"output {out_dir} {relation} the {source_kind} directory {source} being converted; "
-            f"writing there would replace the {source_kind} it is read from. Choose an "
-            f"output directory outside {source}"
+            f"output {out_dir} {relation} the {source_kind} directory {source} being "
+            f"converted; {harm}. Choose an output directory outside {source}"
         )
     out = Path(out_dir)
     check_output_dir(out, overwrite)

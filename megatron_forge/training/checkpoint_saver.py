@@ -78,6 +78,10 @@ class CheckpointSaver(Callback):
     def finish_writes(self, trainer: Trainer) -> None:
         self.checkpointer.finalize(blocking=True)
 
+    def on_event(self, trainer: Trainer, event: dict[str, Any]) -> None:
+        if event["event"] == "rollback":  # the state a deferred save was due for is gone
+            self.deferred = False
+
     def on_train_end(self, trainer: Trainer) -> None:
         self.save(trainer, blocking=True)
 

@@ -111,7 +111,8 @@ class NonFiniteGuard:
         if why_no_rollback:
             tried = f"; no rollback: {why_no_rollback}"
         elif self.policy == "rollback":
-            tried = f", after {self.rollbacks} rollbacks (train.max_rollbacks={self.max_rollbacks})"
+            plural = "" if self.rollbacks == 1 else "s"
+            tried = f", after {self.rollbacks} rollback{plural} (train.max_rollbacks={self.max_rollbacks})"
         else:
             tried = ""
         kept = (

@@ -87,15 +87,15 @@ class Trainer:
     """Counts non-finite steps and decides what follows; set by ``__init__``."""
 
     def __init__(self, cfg: Config, world_size: int, callbacks: list[Callback]) -> None:
-        from megatron.core import parallel_state
-        from megatron.core.distributed import finalize_model_grads
-
         if cfg.train.nonfinite_policy == "rollback" and not cfg.checkpoint.save:
             raise ConfigError(
                 "train.nonfinite_policy=rollback reloads the newest checkpoint, but "
                 "checkpoint.save is unset; set checkpoint.save (and save_interval) or "
                 "train.nonfinite_policy=skip"
             )
+        from megatron.core import parallel_state
+        from megatron.core.distributed import finalize_model_grads
+
         self.cfg = cfg
         self.callbacks = callbacks
         self.status_dir = Path(cfg.logging.dir)

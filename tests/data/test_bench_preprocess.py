@@ -10,12 +10,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from megatron_forge.data.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_bench_tiny_corpus(spm_model: Path, tmp_path: Path) -> None:
     results = tmp_path / "results.json"
     cmd = [sys.executable, str(REPO / "tools/bench_preprocess.py"), "--size-mb", "1"]

@@ -257,6 +257,7 @@ def test_errors_name_the_field(shards: Path, spm_model: Path, tmp_path: Path) ->
     )
 
 
+@pytest.mark.slow
 def test_two_rank_training_resumes_exactly(shards: Path, spm_model: Path, tmp_path: Path) -> None:
     """2 DP ranks with 2 loader workers each: a run restored from its step-3 checkpoint
     trains on exactly the next samples (logged ids) and reaches exactly the losses of steps

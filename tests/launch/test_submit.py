@@ -157,6 +157,7 @@ def test_dry_run_on_cpu_nodes_asks_for_no_gpus(capsys: pytest.CaptureFixture[str
     assert "#SBATCH --signal=USR2@60" in out and "gpus" not in out.split("# sbatch")[1]
 
 
+@pytest.mark.slow
 def test_local_run_trains(sample_data: Path, tmp_path: Path) -> None:
     """The same path as a Slurm job, with submitit's LocalExecutor: 2 ranks here."""
     run_dir = tmp_path / "run"

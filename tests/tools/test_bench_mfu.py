@@ -20,6 +20,7 @@ def _run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_cpu_smoke(tmp_path) -> None:
     """Synthetic tokens only: the corpus and tokenizer configs/tiny.yaml names are pointed
     at paths that do not exist, so the run needs nothing from data/."""
