@@ -1,5 +1,7 @@
 """tools/inspect_checkpoint.py on a damaged checkpoint: one PROBLEM line naming the file
-and a non-zero exit, never a traceback, whichever file is at fault."""
+and a non-zero exit, never a traceback, whichever file is at fault.
+
+The checkpoint comes from a real (short) training run, so the tests using it are slow."""
 
 from __future__ import annotations
 
@@ -60,6 +62,7 @@ def inspect(tool: ModuleType, capsys: pytest.CaptureFixture, *args: object) -> t
     return status, captured.out + captured.err
 
 
+@pytest.mark.slow
 def test_complete_checkpoint(tool, saved, capsys):
     status, out = inspect(tool, capsys, saved, "--verify")
     assert status == 0, out
@@ -68,6 +71,7 @@ def test_complete_checkpoint(tool, saved, capsys):
     assert verify_iteration(saved / "iter_0000002", read_tensors=True) == []
 
 
+@pytest.mark.slow
 def test_garbage_tracker(tool, ckpt, capsys):
     (ckpt / "latest_checkpointed_iteration.txt").write_text("garbage\n")
     status, out = inspect(tool, capsys, ckpt)
@@ -79,6 +83,7 @@ def test_garbage_tracker(tool, ckpt, capsys):
     assert "iteration 2, consumed samples" in out and "Traceback" not in out
 
 
+@pytest.mark.slow
 def test_tracker_naming_a_missing_iteration(tool, ckpt, capsys):
     (ckpt / "latest_checkpointed_iteration.txt").write_text("7\n")
     status, out = inspect(tool, capsys, ckpt)
@@ -86,6 +91,7 @@ def test_tracker_naming_a_missing_iteration(tool, ckpt, capsys):
     assert f"names iteration 7 but {ckpt / 'iter_0000007'} is missing" in out
 
 
+@pytest.mark.slow
 def test_missing_metadata(tool, ckpt, capsys):
     (ckpt / "iter_0000002" / ".metadata").unlink()
     status, out = inspect(tool, capsys, ckpt)
@@ -94,6 +100,7 @@ def test_missing_metadata(tool, ckpt, capsys):
     assert "check: FAILED" in out and "Traceback" not in out
 
 
+@pytest.mark.slow
 def test_truncated_common_state(tool, ckpt, capsys):
     common = ckpt / "iter_0000002" / "common.pt"
     os.truncate(common, common.stat().st_size // 2)
@@ -103,6 +110,7 @@ def test_truncated_common_state(tool, ckpt, capsys):
     assert out.count("PROBLEM:") == 1  # the summary and the check found the same thing
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("verify", [False, True])
 def test_truncated_and_missing_shards(tool, ckpt, capsys, verify):
     shards = sorted((ckpt / "iter_0000002").glob("*.distcp"))
@@ -116,6 +124,7 @@ def test_truncated_and_missing_shards(tool, ckpt, capsys, verify):
     assert ("verify: FAILED" if verify else "check: FAILED") in out
 
 
+@pytest.mark.slow
 def test_damaged_tensor_bytes(tool, ckpt, capsys):
     """Same length, damaged content: only reading the tensors back finds it."""
     shard = sorted((ckpt / "iter_0000002").glob("*.distcp"))[0]

@@ -43,6 +43,15 @@ def _warn(message: str) -> None:
         print(f"WARNING: {message}", file=sys.stderr, flush=True)
 
 
+def _requested_iteration(root: str | Path, ckpt_cfg: CheckpointConfig) -> Optional[int]:
+    """checkpoint.load_iteration, which picks an iteration of checkpoint.load only (a
+    rollback that reloads the run's own newest checkpoint from checkpoint.save ignores it)."""
+    load = ckpt_cfg.load
+    if load is None or Path(root).resolve() != Path(load).resolve():
+        return None
+    return ckpt_cfg.load_iteration
+
+
 def iteration_to_load(root: str | Path, ckpt_cfg: CheckpointConfig) -> Optional[int]:
     """The iteration of ``root`` to load (``ckpt_cfg.load_iteration``, else the tracker's),
     or None when a run that saves into ``root`` has not saved yet."""
@@ -53,7 +62,7 @@ def iteration_to_load(root: str | Path, ckpt_cfg: CheckpointConfig) -> Optional[
             f"checkpoint.load={root} does not exist; point it at a directory holding "
             f"{TRACKER} (or leave it unset to start from scratch)"
         )
-    requested = ckpt_cfg.load_iteration
+    requested = _requested_iteration(root, ckpt_cfg)
     if resumes_itself:
         owner = read_owner(root)
         requested = effective_load_iteration(root, owner, requested)
@@ -84,7 +93,7 @@ def load_checkpoint(
     iteration = iteration_to_load(root, ckpt_cfg)
     if iteration is None:
         return TrainState()
-    if ckpt_cfg.load_iteration not in (None, iteration):
+    if _requested_iteration(root, ckpt_cfg) not in (None, iteration):
         _warn(
             f"checkpoint.load_iteration={ckpt_cfg.load_iteration}: an earlier job of this run "
             f"resumed from it and saved newer checkpoints since; resuming from the tracker's "

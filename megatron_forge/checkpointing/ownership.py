@@ -71,8 +71,11 @@ class Owner:
     host: str
     created: str
     iterations: list[int] = field(default_factory=list)
-    """Complete checkpoints this run wrote (or resumed from when it adopted a directory
-    without an owner record): the only ones retention removes."""
+    """Complete checkpoints this run wrote: the only ones retention removes."""
+    adopted: list[int] = field(default_factory=list)
+    """Complete checkpoints that were there when this run resumed from a directory without
+    an owner record (an older version's run, a converted model): resumed from, never
+    removed by retention."""
     not_ours: list[int] = field(default_factory=list)
     """Complete checkpoints of the previous owner, kept when this run took the directory
     over (checkpoint.overwrite): never resumed, never removed by retention."""
@@ -210,8 +213,7 @@ def plan_claim(
                 requested is not None and owner.load_iteration_done != requested
             )
             if owner is None:  # written before owner records: this run adopts it
-                adopted = [i for i in complete_iterations(root) if i <= iteration]
-                owner = Owner.new(digest, iterations=adopted)
+                owner = Owner.new(digest, adopted=complete_iterations(root))
             if requested is not None:
                 owner.load_iteration_done = requested
             return Claim(root, owner, write, False, iteration)

@@ -151,7 +151,8 @@ class Checkpointer:
             owner = self._owner_record(config)
             latest = latest_iteration(self.root)
             if is_complete(target):
-                if step in owner.iterations and (latest is None or step > latest):
+                resumable = step in owner.iterations or step in owner.adopted
+                if resumable and (latest is None or step > latest):
                     return "saved"
                 if step not in owner.not_ours:
                     whose = "this run wrote" if step in owner.iterations else "another run wrote"

@@ -306,10 +306,10 @@ class TrainConfig:
     skip_train: bool = False
     """Only evaluate the loaded checkpoint on the validation split, then exit."""
     hang_timeout_s: Optional[float] = 1800.0
-    """Exit with status 4 (and requeue) when a rank shows no progress for this long: no
-    step ends, no training or evaluation microbatch is read, no checkpoint save starts or
-    ends. So a long evaluation is fine, one save or one microbatch taking this long is
-    not. Names the stalled ranks; null disables the watchdog."""
+    """Exit with status 4 (and requeue) when a rank shows no progress for this long after
+    its first step: no step ends, no training or evaluation microbatch is read, no
+    checkpoint save starts or ends. So a long evaluation is fine, one save or one
+    microbatch taking this long is not. Names the stalled ranks; null disables it."""
     nonfinite_policy: Literal["skip", "rollback"] = "skip"
     """A step whose loss or gradient norm is NaN/inf never updates the parameters (nor the
     lr schedule). After ``max_nonfinite_steps`` such steps in a row: ``skip`` stops the run

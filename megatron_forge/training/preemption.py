@@ -129,7 +129,11 @@ class PreemptionHandler(Callback):
                 )
             print(
                 f"{name} at step {trainer.step}: "
-                + (f"saved checkpoint {checkpoint}" if checkpoint else "no checkpoint saved")
+                + (
+                    f"saved checkpoint to {self.saver.checkpointer.root} ({Path(checkpoint).name})"
+                    if checkpoint
+                    else "no checkpoint saved"
+                )
                 + f"; {requeue}. Exiting with status {EXIT_PREEMPTED} (preempted), recorded "
                 f"in {Path(trainer.cfg.logging.dir) / STATUS_FILE}",
                 flush=True,

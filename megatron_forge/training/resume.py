@@ -90,7 +90,9 @@ def check_resume(cfg: Config, scheduler: Any) -> Optional[int]:
         return None  # weights only: a new run, with its own schedule from step 0
     t = cfg.train
     step = int(common["iteration"])
-    if step >= t.train_iters and not t.skip_train:
+    if t.skip_train:
+        return step  # evaluation only: no step follows, so no hyper-parameter matters
+    if step >= t.train_iters:
         raise ConfigError(
             f"checkpoint.load={root} resumes at step {step} (iter_{step:07d}), and "
             f"train.train_iters={t.train_iters} is not beyond it: there is nothing to "

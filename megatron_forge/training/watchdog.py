@@ -5,10 +5,9 @@ Each rank runs a daemon thread that writes a heartbeat file
 host, pid, time) every few seconds, and the main thread rewrites it at every step end,
 so a frozen rank's file shows its real last step. The thread checks when this rank last
 showed progress: a completed step, a training or evaluation microbatch read, a checkpoint
-save starting or ending (:meth:`~.callback.Callback.on_progress`). A long evaluation or
-a slow first step (its batches still arrive one by one) therefore never counts as a
-hang, while one microbatch, one checkpoint save or one collective taking longer than
-``train.hang_timeout_s`` does (a
+save starting or ending (:meth:`~.callback.Callback.on_progress`). A long evaluation
+therefore never counts as a hang, while one microbatch, one checkpoint save or one
+collective taking longer than ``train.hang_timeout_s`` does (a
 peer stopped with SIGSTOP, a collective that never returns, a dead node or filesystem).
 Then the thread reads every rank's heartbeat, names the stalled ones (a stale heartbeat
 means a frozen process; a lower step count means a rank that fell behind), asks Slurm to
@@ -16,7 +15,11 @@ requeue the job, records the outcome in ``<logging.dir>/exit_status.json`` and e
 process with :data:`EXIT_HUNG`, so the allocation is not burned waiting on NCCL/gloo
 timeouts.
 
-The watchdog stops before the final checkpoint save: a finished run is never requeued.
+The clock starts when the first step ends: the first step's one-time work (kernel
+compilation, communicator set-up, the first batches) may take long on a large job, and a
+hang before it ends is left to the process-group timeout (10 minutes), which fails the
+run. The watchdog stops before the final checkpoint save: a finished run is never
+requeued.
 
 Files rather than the c10d store: the store is served by rank 0's process, so it freezes
 with rank 0, while reading a file never blocks on another process.
@@ -83,6 +86,8 @@ class HangWatchdog(Callback):
         self.step = 0
         self.activity = "starting"
         self.last_progress = time.monotonic()
+        self.armed = False
+        """Whether a silence can fire: from the end of the first step on."""
         self._lock = threading.Lock()  # the thread and the main thread both write the file
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
@@ -146,7 +151,7 @@ class HangWatchdog(Callback):
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
             self._safe_beat()
-            if time.monotonic() - self.last_progress > self.timeout_s:
+            if self.armed and time.monotonic() - self.last_progress > self.timeout_s:
                 self._fire()
 
     def _progress(self, activity: str) -> None:
@@ -167,6 +172,7 @@ class HangWatchdog(Callback):
     def on_step_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
         self.step = trainer.step
         self._progress("step end")
+        self.armed = True
         self._safe_beat()
 
     def on_eval_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:

@@ -206,3 +206,54 @@ def test_damaged_shards_are_named(dense_ckpt, tmp_path, capsys):
     assert "cannot be converted (reading embedding.word_embeddings.weight)" in err
     assert f"embedding.word_embeddings.weight is unreadable from {shard} (" in err
     assert list(tmp_path.iterdir()) == [ckpt]  # no output, no staging directory left behind
+
+
+# Fast checks of the same rules on directories that only look like a run --------------------
+def fake_run(root: Path) -> Path:
+    """runs/tiny/{checkpoints/iter_0000005/, config.yaml}: what check_output looks at."""
+    run = root / "runs" / "tiny"
+    (run / "checkpoints" / "iter_0000005").mkdir(parents=True)
+    (run / "checkpoints" / "latest_checkpointed_iteration.txt").write_text("5\n")
+    (run / "config.yaml").write_text("model: {}\n")
+    return run
+
+
+def test_output_rules_on_paths(tmp_path):
+    from megatron_forge.convert.files import check_output, run_directory
+    from megatron_forge.errors import ConvertError
+
+    run = fake_run(tmp_path)
+    ckpt = run / "checkpoints"
+    assert run_directory(ckpt) == run and run_directory(run) is None
+    refused = [ckpt, ckpt / "x", run, tmp_path, run / "checkpoints" / ".." / ".." / "tiny"]
+    for out in refused:
+        for overwrite in (False, True):
+            with pytest.raises(ConvertError, match=f"output {out} (is|contains|lies inside)"):
+                check_output(out, ckpt, overwrite)
+    (run / "tensorboard").mkdir()
+    (run / "tensorboard" / "events").write_text("x")
+    with pytest.raises(ConvertError, match="not an earlier export"):
+        check_output(run / "tensorboard", ckpt, overwrite=True)
+    (run / "hf").mkdir()
+    (run / "hf" / "config.json").write_text("{}")
+    check_output(run / "hf", ckpt, overwrite=True)  # an earlier export: replaced
+    check_output(run / "new", ckpt, overwrite=False)  # a new directory beside the checkpoints
+    other = fake_run(tmp_path / "elsewhere")
+    with pytest.raises(ConvertError, match="holds the checkpoint .*iter_0000005"):
+        check_output(other.parent, ckpt, overwrite=True)
+
+
+def test_planted_pickles_are_refused_by_the_loaders(tmp_path):
+    from megatron_forge.checkpointing.files import load_common_state
+
+    marker = tmp_path / "pwned"
+    torch.save({"iteration": 1, "x": RunsCode(marker)}, tmp_path / "common.pt")
+    with pytest.raises(CheckpointError, match=r"common.pt needs posix.system to be unpickled"):
+        load_common_state(tmp_path)
+    (tmp_path / ".metadata").write_bytes(pickle.dumps(RunsCode(marker)))
+    with pytest.raises(CheckpointError, match=r"\.metadata needs posix.system to be unpickled"):
+        load_metadata(tmp_path)
+    (tmp_path / ".metadata").write_bytes(b"\x80\x04garbage")
+    with pytest.raises(CheckpointError, match=r"\.metadata is truncated or corrupt"):
+        load_metadata(tmp_path)
+    assert not marker.exists()

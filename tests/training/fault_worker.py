@@ -135,13 +135,29 @@ def skip_keeps_params(out: Path) -> dict[str, Any]:
     """Step 3 reads poisoned samples [8, 12): its update is skipped, bit for bit."""
     cfg = config(out, "skip", "train.train_iters=5")
     snapshot, record = Snapshot({2, 3}), Record()
-    trainer = Trainer(cfg, 1, [PoisonData(8, 12), snapshot, record, MetricsLogger(cfg.logging.dir, 5)])
+    trainer = Trainer(
+        cfg, 1, [PoisonData(8, 12), snapshot, record, MetricsLogger(cfg.logging.dir, 5)]
+    )
     raised = _run(trainer)
     return {
         "raised": raised,
         "differ": identical(snapshot.taken[2], snapshot.taken[3]),
         "compared": len(snapshot.taken[2]),
-        "metrics": {s: {k: m[k] for k in ("loss", "grad_norm", "lr", "skipped", "nonfinite", "skipped_steps", "nan_steps")} for s, m in record.metrics.items()},
+        "metrics": {
+            s: {
+                k: m[k]
+                for k in (
+                    "loss",
+                    "grad_norm",
+                    "lr",
+                    "skipped",
+                    "nonfinite",
+                    "skipped_steps",
+                    "nan_steps",
+                )
+            }
+            for s, m in record.metrics.items()
+        },
         "events": _events(cfg),
         "status": read_exit_status(cfg.logging.dir),
     }
@@ -280,7 +296,9 @@ def resume_hparams(out: Path) -> dict[str, Any]:
         "finished": _error(resumed("finished", "train.train_iters=4")),
         "below": _error(resumed("below", "train.train_iters=3")),
         "same": lr_of(same),
-        "config_wins": lr_of(Trainer(resumed("config", *changed, "train.resume_hparams=config"), 1, [])),
+        "config_wins": lr_of(
+            Trainer(resumed("config", *changed, "train.resume_hparams=config"), 1, [])
+        ),
         "checkpoint_wins": lr_of(
             Trainer(resumed("ckpt", *changed, "train.resume_hparams=checkpoint"), 1, [])
         ),
@@ -303,17 +321,17 @@ class SlowEval(Callback):
 
 
 def slow_eval(out: Path) -> dict[str, Any]:
-    """hang_timeout_s=1.5 and an evaluation of 10 batches of 0.4 s: no hang."""
+    """hang_timeout_s=3 and an evaluation of 8 batches of 0.8 s: no hang."""
     cfg = config(
         out,
         "slow_eval",
         "train.train_iters=2",
         "train.eval_interval=2",
-        "train.eval_iters=10",
-        "train.hang_timeout_s=1.5",
+        "train.eval_iters=8",
+        "train.hang_timeout_s=3",
     )
     fired: list[int] = []
-    watchdog = HangWatchdog(cfg.logging.dir, 1.5, 0)
+    watchdog = HangWatchdog(cfg.logging.dir, 3, 0)
     watchdog.exit_process = fired.append  # record instead of exiting
     evals: list[float] = []
 
@@ -324,7 +342,7 @@ def slow_eval(out: Path) -> dict[str, Any]:
         def on_eval_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
             evals.append(time.monotonic())
 
-    raised = _run(Trainer(cfg, 1, [watchdog, EvalTimer(), SlowEval(0.4)]))
+    raised = _run(Trainer(cfg, 1, [watchdog, EvalTimer(), SlowEval(0.8)]))
     return {"raised": raised, "fired": fired, "eval_s": evals[-1] - evals[-2]}
 
 

@@ -210,8 +210,7 @@ def test_rollback_skips_the_bad_data_and_recovers(faults: Path) -> None:
     (event,) = [e for e in r["events"] if e["event"] == "rollback"]
     assert (event["step"], event["to_step"], event["skipped_samples"]) == (6, 2, [8, 24])
     assert event["message"].startswith(
-        "rollback 1 of 3 (train.max_rollbacks): loss or grad norm NaN/inf at steps 4-6; "
-        "reloaded "
+        "rollback 1 of 3 (train.max_rollbacks): loss or grad norm NaN/inf at steps 4-6; reloaded "
     )
     assert event["message"].endswith(
         "ckpt_rollback/iter_0000002 (step 2) and skipping the 16 samples read since it "

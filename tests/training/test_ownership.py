@@ -177,7 +177,9 @@ def test_resume_continues_the_owner_and_adopts_a_directory_without_record(
     fake_checkpoint(legacy, 6, complete=False)  # an interrupted save
     write_tracker(legacy, 4)
     claim = plan_claim(legacy, legacy, "cfg")
-    assert claim.write and claim.owner.iterations == [2, 4] and claim.resumes_from == 4
+    assert claim.write and claim.resumes_from == 4
+    # not this run's: resumed from, never removed by its retention
+    assert claim.owner.iterations == [] and claim.owner.adopted == [2, 4]
 
 
 def test_overwrite_takes_over_and_keeps_the_previous_checkpoints(tmp_path: Path) -> None:
@@ -255,6 +257,13 @@ def test_requeue_after_load_iteration_resumes_from_the_tracker(tmp_path: Path) -
     cfg = CheckpointConfig(load=str(root), save=str(root), load_iteration=4)
     from megatron_forge.checkpointing.loader import iteration_to_load
 
+    assert iteration_to_load(root, cfg) == 6
+    # load_iteration picks an iteration of checkpoint.load only: reloading the run's own
+    # newest checkpoint from checkpoint.save (a rollback) goes by that tracker
+    source = tmp_path / "pretrained"
+    fake_checkpoint(source, 4)
+    cfg = CheckpointConfig(load=str(source), save=str(root), load_iteration=4)
+    assert iteration_to_load(source, cfg) == 4
     assert iteration_to_load(root, cfg) == 6
 
 
