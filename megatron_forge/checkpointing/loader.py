@@ -18,7 +18,9 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
+from megatron_forge.checkpointing.collective import on_rank0
 from megatron_forge.checkpointing.directory import TRACKER, iteration_dir, resolve_iteration
+from megatron_forge.checkpointing.files import check_safe_to_load, read_errors, verify_iteration
 from megatron_forge.checkpointing.ownership import (
     effective_load_iteration,
     kept_from_previous_owner,
@@ -100,7 +102,10 @@ def load_checkpoint(
             f"{iteration}, as a requeued job should"
         )
     path = iteration_dir(root, iteration)
-    common = dist_checkpointing.load_common_state_dict(str(path))
+    # Every pickle of the iteration is read with an allowlist first (rank 0; the others
+    # get its verdict), since megatron-core's load unpickles .metadata and the sharded
+    # objects without restriction: a shared checkpoint must not run code.
+    common = on_rank0(lambda: check_safe_to_load(path))
     with_optimizer = ckpt_cfg.load_optimizer and common.get("has_optimizer", True)
     saved_layout, layout = common.get("layout", {}), parallel_layout()
     # RNG states are per (PP, TP, CP, DP) rank; EP does not change that grid.
@@ -114,14 +119,24 @@ def load_checkpoint(
             f"{layout}: RNG states are not restored (reseeded from train.seed)"
         )
     sharded = sharded_state(model_chunks, optimizer, with_optimizer, with_rng, is_loading=True)
-    state = dist_checkpointing.load(sharded, str(path))
+    try:
+        state = dist_checkpointing.load(sharded, str(path))
+    except read_errors() as err:
+        problems = verify_iteration(path)
+        if not problems:
+            raise  # not a damaged file (e.g. a shape mismatch): megatron-core's message
+        raise CheckpointError(
+            f"{path} cannot be loaded: " + "; ".join(problems) + "; copy the checkpoint again "
+            "from where it was written, or set checkpoint.load_iteration to an earlier one"
+        ) from err
     for key, chunk in zip(model_keys(model_chunks), model_chunks):
         chunk.module.load_state_dict(state[key])
+    # load_optimizer=false starts a new run from these weights (fine-tuning, a changed
+    # recipe), so callbacks start afresh too (a new W&B run rather than the old one's id).
+    callbacks = callback_states(common) if ckpt_cfg.load_optimizer else {}
     if not with_optimizer:
-        # Weights only: a new run from these weights (fine-tuning, a changed recipe), so
-        # callbacks start afresh too (e.g. a new W&B run rather than the old one's id).
-        return TrainState()
-    resumed = TrainState(callbacks=callback_states(common))
+        return TrainState(callbacks=callbacks)
+    resumed = TrainState(callbacks=callbacks)
     optimizer.load_state_dict(state["optimizer"])
     untie_adam_steps(optimizer)
     scheduler.load_state_dict(state["scheduler"])

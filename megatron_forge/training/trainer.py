@@ -351,9 +351,8 @@ class Trainer:
                 write_exit_status(self.status_dir, EXIT_FINISHED, "finished", self.step)
         elif isinstance(outcome, StopTraining):
             if is_rank0():
-                details = {"step": self.step, **outcome.details}
-                step = details.pop("step")
-                message = details.pop("message", "")
+                details = dict(outcome.details)
+                step, message = details.pop("step", self.step), details.pop("message", "")
                 write_exit_status(
                     self.status_dir, outcome.code, outcome.reason, step, message, **details
                 )
