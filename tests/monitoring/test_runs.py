@@ -31,6 +31,8 @@ def _train(run_dir: Path, sample: Path, netrc: Path, train_iters: int) -> str:
         f"checkpoint.save={run_dir / 'ckpt'}",
         f"checkpoint.load={run_dir / 'ckpt'}",
         "checkpoint.save_interval=4",
+        # The resumed job trains further; the schedule stays the one the run started with.
+        "train.resume_hparams=checkpoint",
         "logging.wandb_project=forge-test",
         "logging.wandb_mode=online",
         "logging.wandb_tags=[tiny, monitoring]",

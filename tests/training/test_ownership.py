@@ -614,7 +614,12 @@ def test_refused_save_leaves_another_runs_directory_byte_identical(tmp_path: Pat
 def test_lost_tracker_refuses_then_load_iteration_resumes(tmp_path: Path) -> None:
     ckpt = tmp_path / "ckpt"
     run = tmp_path / "run"
-    resume = [f"checkpoint.save={ckpt}", f"checkpoint.load={ckpt}", "checkpoint.save_interval=2"]
+    resume = [
+        f"checkpoint.save={ckpt}",
+        f"checkpoint.load={ckpt}",
+        "checkpoint.save_interval=2",
+        "train.resume_hparams=checkpoint",  # each resume trains further on the first schedule
+    ]
     ok(train(run, resume + ["train.train_iters=4"]))
     (ckpt / TRACKER).unlink()
     foreign = ckpt / "iter_0000003"
