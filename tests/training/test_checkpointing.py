@@ -138,7 +138,12 @@ def test_kill_during_async_write_keeps_previous_checkpoint(
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
     assert not (target / "metadata.json").exists()  # the write was really interrupted
 
-    proc = _start(1, "configs/tiny.yaml", overrides + ["train.train_iters=7", "train.resume_hparams=checkpoint"], run)
+    proc = _start(
+        1,
+        "configs/tiny.yaml",
+        overrides + ["train.train_iters=7", "train.resume_hparams=checkpoint"],
+        run,
+    )
     assert proc.wait(timeout=600) == 0, run.with_suffix(".log").read_text()[-3000:]
     records = [r for r in read_metrics(run) if "loss" in r]
     steps = [r["step"] for r in records]
