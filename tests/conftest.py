@@ -89,6 +89,20 @@ def run_training(
     return read_metrics(run_dir)
 
 
+def run_worker(module: str, *args: str, timeout: int = 600) -> None:
+    """``python -m <module> ARGS`` (a test worker that runs the real Trainer in its own
+    process); raises with the output tail when it fails."""
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "OMP_NUM_THREADS": "2", "PYTHONWARNINGS": "ignore"},
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+
+
 @pytest.fixture(scope="session")
 def train_runner() -> Callable[..., list[dict[str, Any]]]:
     return run_training

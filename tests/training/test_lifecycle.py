@@ -11,10 +11,7 @@ evaluation, and the W&B run id through a checkpoint.
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -27,7 +24,7 @@ from megatron_forge.training.checkpoint_saver import CheckpointSaver
 from megatron_forge.training.preemption import EXIT_PREEMPTED, Preempted, PreemptionHandler
 from megatron_forge.training.trainer import Trainer
 from megatron_forge.training.watchdog import HangWatchdog
-from tests.conftest import REPO
+from tests.conftest import REPO, run_worker
 
 
 class Recorder(Callback):
@@ -221,15 +218,7 @@ def test_old_checkpoints_keep_their_wandb_run_id() -> None:
 @pytest.fixture(scope="module")
 def worker_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("lifecycle")
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.training.worker", str(out)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "OMP_NUM_THREADS": "2", "PYTHONWARNINGS": "ignore"},
-    )
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    run_worker("tests.training.worker", str(out))
     return json.loads((out / "results.json").read_text())
 
 

@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +22,7 @@ from megatron_forge.training.exit_status import EXIT_NONFINITE, read_exit_status
 from megatron_forge.training.metrics_logger import MetricsLogger
 from megatron_forge.training.nonfinite import NonFiniteGuard, NonFiniteStop
 from megatron_forge.training.trainer import Trainer
-from tests.conftest import REPO
+from tests.conftest import run_worker
 from tests.training.fakes import FakeCheckpointer, fake_trainer
 
 NAN = float("nan")
@@ -150,15 +147,7 @@ def test_stop_finishes_the_save_in_flight(tmp_path: Path) -> None:
 def faults(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("nonfinite")
     scenarios = ["skip_keeps_params", "nan_stop", "rollback", "rollback_bounded"]
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.training.fault_worker", str(out), *scenarios],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env={**os.environ, "OMP_NUM_THREADS": "2", "PYTHONWARNINGS": "ignore"},
-    )
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    run_worker("tests.training.fault_worker", str(out), *scenarios, timeout=900)
     return out
 
 

@@ -16,7 +16,7 @@ import pytest
 
 from megatron_forge.config import ConfigError, load_config
 from megatron_forge.training.resume import hparam_differences
-from tests.conftest import REPO
+from tests.conftest import REPO, run_worker
 
 SCHEDULER = {
     "max_lr": 3e-4,
@@ -69,15 +69,7 @@ def test_resume_hparams_takes_config_or_checkpoint() -> None:
 @pytest.fixture(scope="module")
 def resumed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
     out = tmp_path_factory.mktemp("resume")
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.training.fault_worker", str(out), "resume_hparams"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "OMP_NUM_THREADS": "2", "PYTHONWARNINGS": "ignore"},
-    )
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    run_worker("tests.training.fault_worker", str(out), "resume_hparams")
     return out, json.loads((out / "resume_hparams.json").read_text())
 
 

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,7 +15,7 @@ import pytest
 from megatron_forge.config import ConfigError, load_config
 from megatron_forge.training.exit_status import EXIT_HUNG, read_exit_status
 from megatron_forge.training.watchdog import HangWatchdog, describe_stalled
-from tests.conftest import REPO
+from tests.conftest import run_worker
 
 
 @pytest.mark.parametrize("value", ["0", "-5", "inf"])
@@ -108,15 +106,7 @@ def test_describe_stalled_says_what_the_rank_did_last() -> None:
 @pytest.mark.slow
 def test_slow_evaluation_is_not_a_hang(tmp_path: Path) -> None:
     """The real Trainer: hang_timeout_s=3 and an evaluation of 8 batches of 0.8 s."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.training.fault_worker", str(tmp_path), "slow_eval"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "OMP_NUM_THREADS": "2", "PYTHONWARNINGS": "ignore"},
-    )
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    run_worker("tests.training.fault_worker", str(tmp_path), "slow_eval")
     r = json.loads((tmp_path / "slow_eval.json").read_text())
     assert r["raised"] == "finished" and r["fired"] == []
     assert r["eval_s"] > 2 * 3  # the evaluation outlasted the timeout twice over
