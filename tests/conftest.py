@@ -45,6 +45,18 @@ def sample_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+MOCK_TINY = [
+    "data.format=mock",
+    "data.tokenizer=null",
+    "data.blend=[]",
+    "model.vocab_size=2048",
+    "model.num_layers=2",
+    "train.global_batch_size=4",
+    "train.micro_batch_size=2",
+]
+"""Overrides of configs/tiny.yaml for a run on synthetic tokens (no data files needed)."""
+
+
 def data_overrides(data_dir: Path) -> list[str]:
     return [
         f"data.blend=[{data_dir / 'corpus_text_document'}]",

@@ -677,6 +677,12 @@ class Config:
                 f"parallel.context={p.context} needs Transformer Engine's attention; install "
                 "the [gpu] extra on a CUDA machine or set parallel.context: 1",
             )
+        _require(
+            t.nonfinite_policy != "rollback" or bool(self.checkpoint.save),
+            "train.nonfinite_policy=rollback reloads the newest checkpoint, but "
+            "checkpoint.save is unset; set checkpoint.save (and save_interval) or "
+            "train.nonfinite_policy=skip",
+        )
         if t.skip_train:
             _require(
                 t.eval_interval > 0 and t.eval_iters > 0,

@@ -8,10 +8,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from megatron_forge.config import Config
-from megatron_forge.utils import all_reduce
 
 
 def wrap_ddp(cfg: Config, tf_config: Any, chunks: list[torch.nn.Module]) -> list[Any]:
@@ -124,17 +122,18 @@ def optimizer_step(optimizer: Any, loss: float) -> StepResult:
     megatron skips a step only when fp16 loss scaling finds inf/NaN gradients; in bf16 or
     fp32 a NaN norm turns clipping into a multiplication by NaN and Adam then writes NaN
     into every parameter and its moments. So the norm is computed first, as
-    ``ChainedOptimizer.step`` does, the decision is agreed on by all ranks, and only then
-    are the gradients clipped and the update applied. A refused step leaves parameters,
-    Adam moments and Adam's step count untouched.
+    ``ChainedOptimizer.step`` does, and only then are the gradients clipped and the update
+    applied. A refused step leaves parameters, Adam moments and Adam's step count
+    untouched. No collective is needed to agree: the reported loss is all-reduced over
+    the world, and megatron's grad norm over every rank that holds gradients, so both
+    (and a NaN on any rank) are the same on every rank.
     """
     from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 
     if optimizer.prepare_grads():  # fp16 overflow: megatron already lowered the loss scale
         return StepResult(False, float("nan"), not math.isfinite(loss))
     grad_norm = float(optimizer.get_grad_norm())
-    bad = torch.tensor([0.0 if math.isfinite(loss) and math.isfinite(grad_norm) else 1.0])
-    if bool(all_reduce(bad, op=dist.ReduceOp.MAX).item()):
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
         return StepResult(False, grad_norm, True)
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         params = [] if getattr(opt, "is_stub_optimizer", False) else opt.get_parameters()

@@ -81,24 +81,14 @@ class TimedIterator:
 
 
 class Trainer:
-    status_dir: Optional[Path] = None
-    """Where the run's outcome is recorded (``logging.dir``); set by ``__init__``."""
-    guard: Optional[NonFiniteGuard] = None
-    """Counts non-finite steps and decides what follows; set by ``__init__``."""
-
     def __init__(self, cfg: Config, world_size: int, callbacks: list[Callback]) -> None:
-        if cfg.train.nonfinite_policy == "rollback" and not cfg.checkpoint.save:
-            raise ConfigError(
-                "train.nonfinite_policy=rollback reloads the newest checkpoint, but "
-                "checkpoint.save is unset; set checkpoint.save (and save_interval) or "
-                "train.nonfinite_policy=skip"
-            )
         from megatron.core import parallel_state
         from megatron.core.distributed import finalize_model_grads
 
         self.cfg = cfg
         self.callbacks = callbacks
-        self.status_dir = Path(cfg.logging.dir)
+        self.status_dir: Optional[Path] = Path(cfg.logging.dir)
+        """Where the run's outcome is recorded (None: nowhere)."""
         if is_rank0():
             clear_exit_status(self.status_dir)
         self.guard = NonFiniteGuard(cfg.train)
@@ -171,7 +161,7 @@ class Trainer:
     def train_state(self) -> TrainState:
         """Where the run stands, with the callbacks' resumable state, for a checkpoint."""
         states = dict(self._callback_states)
-        for cb in [*self.callbacks, *([self.guard] if self.guard else [])]:
+        for cb in [*self.callbacks, self.guard]:
             if cb.state_key is not None and (state := cb.state_dict()):
                 states[cb.state_key] = state
         return TrainState(self.step, self.consumed_samples, states)
@@ -191,7 +181,7 @@ class Trainer:
 
     def last_step_nonfinite(self) -> bool:
         """Whether the newest step's loss or gradient norm was NaN/inf."""
-        return bool(self.guard is not None and self.guard.streak)
+        return bool(self.guard.streak)
 
     def _iterators(
         self,
@@ -381,8 +371,7 @@ class Trainer:
         while self.step < t.train_iters:
             metrics = self.train_step()
             nonfinite = bool(metrics.get("nonfinite"))
-            if self.guard is not None:  # before the callbacks: a checkpoint save asks
-                self.guard.record(self.step, nonfinite)
+            self.guard.record(self.step, nonfinite)  # before the callbacks: a save asks
             if nonfinite:
                 self.emit(self._nonfinite_event(metrics))
             for cb in self.callbacks:

@@ -15,12 +15,14 @@ from tests.conftest import REPO
 
 
 class FakeCheckpointer:
-    """What CheckpointSaver asks of a Checkpointer; records the steps it saved."""
+    """What CheckpointSaver asks of a Checkpointer; records the steps it saved and how it
+    was closed (``abort``)."""
 
-    def __init__(self, root: Path, save_interval: int = 0) -> None:
+    def __init__(self, root: Path = Path("/nonexistent"), save_interval: int = 0) -> None:
         self.root = root
         self.save_interval = save_interval
         self.saved: list[int] = []
+        self.closed: list[bool] = []
         self.finalized = 0
         self.last_blocked_s = 0.0
 
@@ -35,7 +37,7 @@ class FakeCheckpointer:
             self.saved.append(state.step)
 
     def close(self, abort: bool = False) -> None:
-        pass
+        self.closed.append(abort)
 
 
 def fake_trainer(

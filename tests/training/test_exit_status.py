@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from megatron_forge.training.exit_status import (
     write_exit_status,
 )
 from megatron_forge.training.preemption import Preempted
-from tests.conftest import REPO, read_metrics
+from tests.conftest import MOCK_TINY, REPO, read_metrics, training_command
 from tests.training.fakes import fake_trainer
 
 
@@ -77,32 +76,16 @@ def test_the_loop_records_its_outcome(tmp_path: Path, error, status, reason) -> 
 
 
 def _torchrun(run: Path, ckpt: Path) -> subprocess.Popen:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "megatron_forge.train",
-        "--config",
-        str(REPO / "configs/tiny.yaml"),
-        "data.format=mock",
-        "data.tokenizer=null",
-        "data.blend=[]",
-        "model.vocab_size=2048",
-        "model.num_layers=2",
-        "train.global_batch_size=4",
-        "train.micro_batch_size=2",
+    overrides = [
+        *MOCK_TINY,
         "train.eval_interval=0",
         "train.train_iters=100000",
         f"checkpoint.save={ckpt}",
         f"checkpoint.load={ckpt}",
         "checkpoint.save_interval=100000",
-        f"logging.dir={run}",
         "logging.log_interval=1",
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd, env = training_command(2, "configs/tiny.yaml", overrides, run)
     env.pop("SLURM_JOB_ID", None)  # never requeue a real job from a test
     log = open(run.with_suffix(".log"), "w")  # noqa: SIM115 - closed with the process
     return subprocess.Popen(

@@ -18,13 +18,12 @@ from typing import Any, Optional
 import pytest
 
 from megatron_forge.checkpointing.state import callback_states
-from megatron_forge.config import load_config
 from megatron_forge.training.callback import Callback
 from megatron_forge.training.checkpoint_saver import CheckpointSaver
 from megatron_forge.training.preemption import EXIT_PREEMPTED, Preempted, PreemptionHandler
-from megatron_forge.training.trainer import Trainer
 from megatron_forge.training.watchdog import HangWatchdog
-from tests.conftest import REPO, run_worker
+from tests.conftest import run_worker
+from tests.training.fakes import FakeCheckpointer, fake_trainer
 
 
 class Recorder(Callback):
@@ -69,47 +68,6 @@ class Recorder(Callback):
             raise OSError(f"{self.name} could not close")
 
 
-class FakeCheckpointer:
-    """What CheckpointSaver asks of a Checkpointer, recording how it was closed."""
-
-    root = Path("/nonexistent")
-
-    def __init__(self) -> None:
-        self.closed: list[bool] = []
-        self.saved: list[int] = []
-
-    def finalize(self, blocking: bool) -> None:
-        pass
-
-    def due(self, step: int) -> bool:
-        return False
-
-    def save(self, model, optimizer, scheduler, state, config, blocking=False) -> None:
-        self.saved.append(state.step)
-
-    def close(self, abort: bool = False) -> None:
-        self.closed.append(abort)
-
-
-def _trainer(callbacks: list[Callback], train_iters: int = 3) -> Trainer:
-    """A Trainer whose step only counts: the loop and its hooks, nothing else."""
-    cfg = load_config(
-        REPO / "configs/tiny.yaml",
-        [f"train.train_iters={train_iters}", "train.eval_interval=0", "model.vocab_size=2048"],
-    )
-    trainer = Trainer.__new__(Trainer)
-    trainer.cfg, trainer.callbacks, trainer.valid_ds = cfg, callbacks, None
-    trainer.step, trainer.consumed_samples, trainer._callback_states = 0, 0, {}
-    trainer.model = trainer.optimizer = trainer.scheduler = None
-
-    def train_step() -> dict[str, Any]:
-        trainer.step += 1
-        return {"step": trainer.step}
-
-    trainer.train_step = train_step
-    return trainer
-
-
 def _hooks(log: list[tuple[str, str]], name: str) -> list[str]:
     return [hook for who, hook in log if who == name]
 
@@ -131,7 +89,7 @@ def test_error_reaches_on_error_and_every_close(tmp_path: Path, capsys) -> None:
         PreemptionHandler(None, max_requeues=0),
     ]
     with pytest.raises(RuntimeError, match="boom at step 2"):
-        _trainer(callbacks).train()
+        fake_trainer(callbacks).train()
     for name in ("first", "failing", "last"):
         assert _hooks(log, name)[-2:] == ["on_error", "close"], (name, log)
         assert "on_train_end" not in _hooks(log, name)
@@ -155,7 +113,7 @@ def test_preemption_is_a_clean_stop_that_closes(tmp_path: Path) -> None:
         Recorder(log, "b"),
     ]
     with pytest.raises(SystemExit) as stopped:
-        _trainer(callbacks).train()
+        fake_trainer(callbacks).train()
     assert stopped.value.code == EXIT_PREEMPTED
     for name in ("a", "preempting", "b"):
         hooks = _hooks(log, name)
@@ -172,7 +130,7 @@ def test_failing_close_after_success_fails_the_run_after_all_closes() -> None:
         Recorder(log, "b"),
     ]
     with pytest.raises(OSError, match="a could not close"):
-        _trainer(callbacks).train()
+        fake_trainer(callbacks).train()
     assert _hooks(log, "a") == _hooks(log, "b")
     assert _hooks(log, "b")[-2:] == ["on_train_end", "close"]
     assert checkpointer.saved == [3] and checkpointer.closed == [False]
@@ -192,7 +150,7 @@ class Stateful(Callback):
 
 
 def test_train_state_carries_callback_states() -> None:
-    trainer = _trainer([Stateful(7), Recorder([], "stateless")])
+    trainer = fake_trainer([Stateful(7), Recorder([], "stateless")])
     trainer._callback_states = {"wandb": {"run_id": "kept"}, "counter": {"value": 1}}
     trainer.step, trainer.consumed_samples = 5, 80
     state = trainer.train_state()

@@ -16,12 +16,11 @@ from typing import Any
 
 import pytest
 
-from megatron_forge.config import ConfigError, load_config
+from megatron_forge.config import ConfigError, load_config, validate_for_world
 from megatron_forge.training.checkpoint_saver import CheckpointSaver
 from megatron_forge.training.exit_status import EXIT_NONFINITE, read_exit_status
 from megatron_forge.training.metrics_logger import MetricsLogger
 from megatron_forge.training.nonfinite import NonFiniteGuard, NonFiniteStop
-from megatron_forge.training.trainer import Trainer
 from tests.conftest import run_worker
 from tests.training.fakes import FakeCheckpointer, fake_trainer
 
@@ -73,7 +72,7 @@ def test_policy_fields_are_validated(override: str, message: str) -> None:
 def test_rollback_needs_checkpoints() -> None:
     cfg = load_config(None, ["train.nonfinite_policy=rollback", "checkpoint.save=null"])
     with pytest.raises(ConfigError, match="train.nonfinite_policy=rollback reloads the newest"):
-        Trainer(cfg, 1, [])
+        validate_for_world(cfg, 1)
 
 
 def test_steps_in_a_row_stop_with_status_5(tmp_path: Path, capsys) -> None:

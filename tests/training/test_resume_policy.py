@@ -6,9 +6,7 @@ nothing left to train (train_iters at or below the checkpoint's step) is an erro
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +14,7 @@ import pytest
 
 from megatron_forge.config import ConfigError, load_config
 from megatron_forge.training.resume import hparam_differences
-from tests.conftest import REPO, run_worker
+from tests.conftest import MOCK_TINY, REPO, run_worker, training_command
 
 SCHEDULER = {
     "max_lr": 3e-4,
@@ -124,35 +122,16 @@ def test_nothing_left_to_train_is_an_error(resumed) -> None:
 @pytest.mark.slow
 def test_entry_point_exits_2_when_nothing_is_left_to_train(resumed, tmp_path: Path) -> None:
     out, _ = resumed
-    cmd = [
-        sys.executable,
-        "-m",
-        "megatron_forge.train",
-        "--config",
-        str(REPO / "configs/tiny.yaml"),
-        "data.format=mock",
-        "data.tokenizer=null",
-        "data.blend=[]",
-        "model.vocab_size=2048",
-        "model.num_layers=2",
-        "train.global_batch_size=4",
-        "train.micro_batch_size=2",
+    overrides = [
+        *MOCK_TINY,
         "train.lr=1e-3",
         "train.min_lr=1e-4",
         "train.warmup_iters=2",
         "train.train_iters=4",
         f"checkpoint.load={out / 'ckpt_hparams'}",
-        "checkpoint.save=null",
-        f"logging.dir={tmp_path / 'run'}",
     ]
-    proc = subprocess.run(
-        cmd,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "2", "PYTHONWARNINGS": "ignore"},
-    )
+    cmd, env = training_command(1, "configs/tiny.yaml", overrides, tmp_path / "run")
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 2, (proc.stdout + proc.stderr)[-3000:]
     assert "config error: checkpoint.load=" in proc.stderr
     assert "train.train_iters=4 is not beyond it: there is nothing to train" in proc.stderr
