@@ -16,6 +16,7 @@ import sys
 from typing import Any, Optional
 
 from megatron_forge.checkpointing import iteration_dir, iteration_to_load
+from megatron_forge.checkpointing.files import load_common_state
 from megatron_forge.config import Config
 from megatron_forge.errors import ConfigError
 from megatron_forge.utils import is_rank0
@@ -82,10 +83,8 @@ def check_resume(cfg: Config, scheduler: Any) -> Optional[int]:
     iteration = iteration_to_load(root, cfg.checkpoint) if root else None
     if iteration is None:
         return None  # a run that resumes itself and has not saved yet
-    from megatron.core import dist_checkpointing
-
     path = iteration_dir(root, iteration)
-    common = dist_checkpointing.load_common_state_dict(str(path))
+    common = load_common_state(path)  # with the allowlist, as the load that follows
     if not (cfg.checkpoint.load_optimizer and common.get("has_optimizer", True)):
         return None  # weights only: a new run, with its own schedule from step 0
     t = cfg.train
