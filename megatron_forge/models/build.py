@@ -8,6 +8,7 @@ import torch
 
 from megatron_forge.config import Config
 from megatron_forge.models.registry import check_model_config, get_family
+from megatron_forge.models.rope import apply_rope_scaling
 from megatron_forge.utils import DTYPES, transformer_engine_available
 
 
@@ -15,6 +16,31 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel: int) 
     """Megatron-LM's padding: a multiple of divisible_by x TP, so each TP shard is even."""
     multiple = divisible_by * tensor_parallel
     return -(-vocab_size // multiple) * multiple
+
+
+def mask_padded_vocab(chunk: Any, vocab_size: int, padded: int) -> None:
+    """Give the vocabulary's padding rows no probability: their logits become the dtype's
+    lowest value before the loss (training and evaluation alike), so the reported loss is
+    the negative log-likelihood over the real vocabulary, equal to a Hugging Face export's
+    on the same tokens, and the padding rows get no gradient. A forward hook on the output
+    layer of a last-stage chunk; under TP each rank masks the columns of its own shard
+    (the full width when the output is gathered)."""
+    if padded == vocab_size or not getattr(chunk, "post_process", False):
+        return
+    from megatron.core import parallel_state
+
+    def hook(module: Any, inputs: Any, output: tuple) -> tuple:
+        logits, bias = output
+        width = logits.shape[-1]
+        start = 0 if width == padded else parallel_state.get_tensor_model_parallel_rank() * width
+        if start + width <= vocab_size:
+            return output
+        padding = torch.arange(start, start + width, device=logits.device) >= vocab_size
+        # In place: no second logits-sized tensor (the GEMM's output is not saved for its
+        # backward, so autograd allows it and the masked columns get a zero gradient).
+        return logits.masked_fill_(padding, torch.finfo(logits.dtype).min), bias
+
+    chunk.output_layer.register_forward_hook(hook)
 
 
 def build_transformer_config(cfg: Config) -> Any:
@@ -102,10 +128,15 @@ def layer_spec(cfg: Config) -> Any:
     num_experts = cfg.model.num_experts
     if transformer_engine_available():
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
-            num_experts=num_experts, moe_grouped_gemm=num_experts is not None and grouped_gemm(cfg)
+            num_experts=num_experts,
+            moe_grouped_gemm=num_experts is not None and grouped_gemm(cfg),
+            qk_layernorm=cfg.model.qk_layernorm,
         )
     return gpt_layer_specs.get_gpt_layer_local_spec(
-        num_experts=num_experts, moe_grouped_gemm=False, normalization="RMSNorm"
+        num_experts=num_experts,
+        moe_grouped_gemm=False,
+        qk_layernorm=cfg.model.qk_layernorm,
+        normalization="RMSNorm",
     )
 
 
@@ -138,5 +169,7 @@ def build_model(cfg: Config, tf_config: Any, vocab_size: int) -> list[Any]:
             rotary_base=cfg.model.rotary_base,
             vp_stage=vp_stage,
         )
+        apply_rope_scaling(chunk, cfg.model)
+        mask_padded_vocab(chunk, vocab_size, padded)
         chunks.append(chunk)
     return chunks
