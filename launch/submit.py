@@ -1,9 +1,12 @@
 """Submit a pretraining job to Slurm through submitit, or run it on this machine.
 
+    python launch/submit.py --nodes 16 [section.key=value ...]   # the flagship recipe
     python launch/submit.py --config configs/llama_7b.yaml --nodes 16 [section.key=value ...]
     python launch/submit.py --config configs/llama_7b.yaml --nodes 16 --dry-run
     python launch/submit.py --config configs/tiny.yaml --local --gpus-per-node 2 --wait
 
+Without ``--config`` it runs the flagship recipe, the config that
+``sbatch slurm/pretrain_7b.sh`` trains (read from that script), and says so.
 Flags override the config's ``launch`` section; trailing ``section.key=value`` arguments
 (also after ``--``) override any field. The config is validated against nodes x
 gpus-per-node before anything is submitted. Every task of the job runs
@@ -53,26 +56,45 @@ LAUNCH_FLAGS = {
     "job_name": "job_name",
     "constraint": "constraint",
 }
+REPO = Path(__file__).resolve().parents[1]
+FLAGSHIP_SCRIPT = "slurm/pretrain_7b.sh"
+"""The sbatch script whose config is the default: one source of truth for the recipe."""
 FINAL_SLURM_STATES = {
     "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
     "BOOT_FAIL", "DEADLINE", "PREEMPTED",
 }  # fmt: skip
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("--config", required=True, help="YAML config file")
-    parser.add_argument("--nodes", type=int)
-    parser.add_argument("--gpus-per-node", type=int, help="tasks per node: one per GPU")
-    parser.add_argument("--cpus-per-task", type=int)
-    parser.add_argument("--partition")
-    parser.add_argument("--account")
-    parser.add_argument("--qos")
-    parser.add_argument("--time", help="time limit, HH:MM:SS or D-HH:MM:SS")
-    parser.add_argument("--job-name")
-    parser.add_argument("--constraint")
+    parser.add_argument(
+        "--config",
+        help=f"YAML config file (default: the flagship recipe, the config {FLAGSHIP_SCRIPT} "
+        "trains)",
+    )
+    parser.add_argument(
+        "--nodes", type=int, help="number of nodes (default: the config's launch.nodes)"
+    )
+    parser.add_argument(
+        "--gpus-per-node",
+        type=int,
+        help="tasks per node, one per GPU (default: launch.gpus_per_node)",
+    )
+    parser.add_argument(
+        "--cpus-per-task",
+        type=int,
+        help="CPU cores per task, for data workers and threads (default: launch.cpus_per_task)",
+    )
+    parser.add_argument("--partition", help="Slurm partition (sbatch --partition)")
+    parser.add_argument("--account", help="Slurm account to charge (sbatch --account)")
+    parser.add_argument("--qos", help="Slurm quality of service (sbatch --qos)")
+    parser.add_argument("--time", help="time limit, HH:MM:SS or D-HH:MM:SS (default: launch.time)")
+    parser.add_argument("--job-name", help="Slurm job name (default: launch.job_name)")
+    parser.add_argument(
+        "--constraint", help="node features to require (sbatch --constraint, e.g. h100)"
+    )
     parser.add_argument(
         "--local",
         action="store_true",
@@ -93,7 +115,24 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--log-dir", default="logs/submitit", help="submitit folder (default: %(default)s)"
     )
     parser.add_argument("overrides", nargs="*", help="section.key=value config overrides")
-    return parser.parse_intermixed_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    return build_parser().parse_intermixed_args(argv)
+
+
+def flagship_config(script: str = FLAGSHIP_SCRIPT) -> Path:
+    """The config that ``sbatch <script>`` trains: the ``--config`` of its
+    ``megatron_forge.train`` command, relative to the repo root as the script runs it."""
+    path = REPO / script
+    match = re.search(r"megatron_forge\.train\s+--config\s+(\S+)", path.read_text())
+    if match is None:
+        raise ConfigError(
+            f"{script} has no 'megatron_forge.train --config FILE' command to take the "
+            "default config from; pass --config"
+        )
+    return REPO / match.group(1).strip("\"'")
 
 
 def config_overrides(args: argparse.Namespace) -> list[str]:
@@ -368,6 +407,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     workdir = Path.cwd()
     try:
+        if args.config is None:
+            args.config = str(flagship_config())
+            chosen = os.path.relpath(args.config, workdir)
+            print(
+                f"no --config: using {chosen}, the flagship recipe that sbatch "
+                f"{FLAGSHIP_SCRIPT} runs",
+                file=sys.stderr,
+                flush=True,
+            )
         overrides = config_overrides(args)
         cfg = load_config(args.config, overrides)
         validate_for_target(cfg, args)

@@ -14,14 +14,18 @@
   Transformer Models"), without recomputation ``s*b*h*(34 + 5*a*s/h)`` bytes per layer and
   microbatch (16-bit activations), divided by TP with sequence parallelism, else
   ``s*b*h*(10 + 24/t + 5*a*s/(h*t))``; ``s`` is the sequence per context-parallel rank.
+  Attention's 8 of the 34 (Q, K, V, the output projection's input) scale with the heads'
+  width, heads x head_dim, when ``model.head_dim`` makes it differ from h.
+  Fused (flash) attention, Transformer Engine's on the GPUs these recipes target, stores
+  no ``s x s`` scores, so the ``5*a*s/h`` term is counted only for the unfused attention of
+  megatron-core's local layer spec (``--unfused-attention``; e.g. without TE).
   The first stage holds ``min(PP, microbatches)`` microbatches in flight under 1F1B
   (x ``1 + (PP-1)/(PP*VP)`` when interleaved). ``recompute`` reduces this: selective
   recompute of core attention drops the score term, full recompute keeps a layer's input;
   the last stage adds one microbatch of logits and fp32 softmax (6 bytes x tokens x vocab/TP).
 
-It is an estimate, not a bound: flash attention (Transformer Engine) does not store the
-``s x s`` scores (the ``5*a*s/h`` term), SwiGLU and top-k MoE MLPs store more than the
-paper's GPT MLP, and the CUDA context, NCCL buffers, logits and fragmentation come on top
+It is an estimate, not a bound: SwiGLU and top-k MoE MLPs store more than the paper's GPT
+MLP, and the CUDA context, NCCL buffers, logits and fragmentation come on top
 (keep several GB free on an 80 GB GPU). Sizes are in GB of 2**30 bytes.
 """
 
@@ -82,17 +86,19 @@ class _LayerParams:
 
 def _layer_params(cfg: Config) -> _LayerParams:
     m = cfg.model
-    h = m.hidden_size
-    kv = h // m.num_attention_heads * m.num_query_groups
-    attention = 2 * h * h + 2 * h * kv  # Q and output projections, K and V (GQA)
+    h, d = m.hidden_size, m.attention_head_dim
+    q, kv = m.num_attention_heads * d, m.num_query_groups * d
+    attention = 2 * h * q + 2 * h * kv  # Q and output projections, K and V (GQA)
     norms = 2 * h  # RMSNorm before attention and before the MLP, no biases
+    if m.qk_layernorm:
+        norms += 2 * d  # one RMSNorm weight over a head of queries, one over keys
     if m.num_experts is None:
         return _LayerParams(attention + 3 * h * m.ffn_hidden_size, 0, norms)  # SwiGLU
     experts = m.num_experts * 3 * h * m.moe_ffn_hidden_size
     return _LayerParams(attention, experts, norms + h * m.num_experts)
 
 
-def _activation_bytes_per_stage(cfg: Config, layers: int) -> float:
+def _activation_bytes_per_stage(cfg: Config, layers: int, flash_attention: bool) -> float:
     """Korthikanti et al.'s activation bytes of ``layers`` layers and one microbatch on one
     GPU, after activation recomputation (``recompute``): selective recompute of core
     attention drops the ``5*a*s/h`` score term; a fully recomputed layer keeps only its
@@ -101,12 +107,15 @@ def _activation_bytes_per_stage(cfg: Config, layers: int) -> float:
     s = m.seq_length / p.context  # each context-parallel rank holds a slice of the sequence
     b, h, a, t = cfg.train.micro_batch_size, m.hidden_size, m.num_attention_heads, p.tensor
     scores = 5 * a * s / h
-    if r.granularity == "selective" and "core_attn" in r.modules:
+    if flash_attention or (r.granularity == "selective" and "core_attn" in r.modules):
         scores = 0.0
+    # 8 of the 34 (Q, K, V and the output projection's input, 2 bytes each) are as wide as
+    # the heads (heads x head_dim), which need not be the hidden size.
+    attention = 8 * m.num_attention_heads * m.attention_head_dim / h
     if p.sequence_parallel or t == 1:
-        per_token = (34 + scores) / t
+        per_token = (26 + attention + scores) / t
     else:
-        per_token = 10 + 24 / t + scores / t
+        per_token = 10 + (16 + attention) / t + scores / t
     scale = BYTES_PER_PARAM[cfg.precision.params_dtype] / 2  # the formula counts 16-bit
     full_layer = s * b * h * per_token * scale
     if r.granularity != "full":
@@ -125,9 +134,13 @@ def _microbatches_in_flight(cfg: Config, world_size: int) -> float:
 
 
 def estimate_memory(
-    cfg: Config, world_size: int, vocab_size: Optional[int] = None
+    cfg: Config,
+    world_size: int,
+    vocab_size: Optional[int] = None,
+    flash_attention: bool = True,
 ) -> MemoryEstimate:
-    """Memory per GPU of training ``cfg`` on ``world_size`` GPUs (see the module doc).
+    """Memory per GPU of training ``cfg`` on ``world_size`` GPUs (see the module doc);
+    ``flash_attention=False`` counts the attention scores the unfused path stores.
 
     ``vocab_size`` defaults to ``model.vocab_size``; one of them must be set (the
     tokenizer is not read here). The layout must divide the world size.
@@ -163,7 +176,7 @@ def estimate_memory(
     weight_bytes = BYTES_PER_PARAM[cfg.precision.params_dtype]
     optim_bytes = 8 if cfg.precision.params_dtype == "fp32" else 12
     shard = p.use_distributed_optimizer
-    act_per_stage = _activation_bytes_per_stage(cfg, layers_per_stage)
+    act_per_stage = _activation_bytes_per_stage(cfg, layers_per_stage, flash_attention)
     # The loss stage also holds one microbatch's logits (16-bit) and megatron's fp32
     # vocab-parallel softmax: 6 bytes per (token, vocab entry / TP); large for 128k vocabs.
     tokens = m.seq_length / p.context * cfg.train.micro_batch_size
@@ -197,14 +210,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument(
         "--world-size", type=int, help="GPUs in the job (default: launch.nodes x gpus_per_node)"
     )
+    parser.add_argument(
+        "--unfused-attention",
+        action="store_true",
+        help="count the s x s attention scores that unfused attention stores (megatron-core's "
+        "local layer spec, e.g. without Transformer Engine); default: fused/flash attention",
+    )
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
         check_model_config(cfg.model)
         world_size = args.world_size or cfg.launch.world_size
         cfg.validate(world_size, cuda_available=True, te_available=True)
-        print(estimate_memory(cfg, world_size))
+        print(estimate_memory(cfg, world_size, flash_attention=not args.unfused_attention))
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2

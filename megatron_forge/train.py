@@ -33,17 +33,22 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 def build_callbacks(cfg: Config) -> list[Callback]:
     """The side concerns of a run, in hook order: the watchdog first (its clock), the
-    saver before the loggers (which report save time), throughput before the loggers (it
-    adds TFLOP/s and MFU to the metrics), preemption last (it exits)."""
+    profiler next (its window closes right after a step), the saver before the loggers
+    (which report save time), throughput, spike detection and straggler attribution
+    before the loggers (they add to the metrics), preemption last (it exits)."""
     from megatron_forge.checkpointing import Checkpointer
     from megatron_forge.training.checkpoint_saver import CheckpointSaver
+    from megatron_forge.training.loss_spikes import LossSpikeDetector
     from megatron_forge.training.metrics_logger import MetricsLogger
     from megatron_forge.training.monitors import (
+        MlflowCallback,
         TensorBoardCallback,
         ThroughputCallback,
         WandbCallback,
     )
     from megatron_forge.training.preemption import PreemptionHandler
+    from megatron_forge.training.profiler import Profiler
+    from megatron_forge.training.stragglers import StragglerMonitor
     from megatron_forge.training.watchdog import HangWatchdog
 
     callbacks: list[Callback] = []
@@ -51,15 +56,23 @@ def build_callbacks(cfg: Config) -> list[Callback]:
         callbacks.append(
             HangWatchdog(cfg.logging.dir, cfg.train.hang_timeout_s, cfg.launch.max_requeues)
         )
+    if cfg.profile.start_step is not None or cfg.profile.trigger_check_interval:
+        callbacks.append(Profiler(cfg))
     saver = None
     if cfg.checkpoint.save:
         saver = CheckpointSaver(Checkpointer(cfg.checkpoint.save, cfg.checkpoint))
         callbacks.append(saver)
     lg = cfg.logging
     callbacks.append(ThroughputCallback(cfg))
+    if lg.spike_window:
+        callbacks.append(LossSpikeDetector(cfg))
+    if lg.straggler_window:
+        callbacks.append(StragglerMonitor(cfg))
     callbacks.append(MetricsLogger(lg.dir, lg.log_interval))
     if lg.wandb_project and lg.wandb_mode != "disabled":
         callbacks.append(WandbCallback(cfg))
+    if lg.mlflow_experiment:
+        callbacks.append(MlflowCallback(cfg))
     if lg.tensorboard:
         callbacks.append(TensorBoardCallback(cfg))
     callbacks.append(PreemptionHandler(saver, cfg.launch.max_requeues))

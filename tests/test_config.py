@@ -76,7 +76,7 @@ def test_type_errors_name_field() -> None:
     # The config layer knows no family: the model registry checks it, for every entry point.
     with pytest.raises(
         ConfigError,
-        match=r"model.family='gpt' is not a registered family; known: \['llama', 'mixtral', 'qwen2'\]",
+        match=r"model.family='gpt' is not a registered family; known: \['llama', 'mixtral', 'qwen2', 'qwen3'\]",
     ):
         check_model_config(_cfg("model.family=gpt").model)
 
@@ -206,6 +206,103 @@ def test_cpu_needs_fp32() -> None:
 def test_moe_fields_need_mixtral() -> None:
     with pytest.raises(ConfigError, match=r"model.num_experts=4 is set for family=llama"):
         check_model_config(_cfg("model.num_experts=4").model)
+
+
+LLAMA31 = (
+    "model.rope_scaling={type: llama3, factor: 8, low_freq_factor: 1, high_freq_factor: 4, "
+    "original_max_position_embeddings: 8192}"
+)
+
+
+def test_rope_scaling_from_yaml_and_nested_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "llama3.yaml"
+    path.write_text(
+        "model:\n  rope_scaling:\n    type: llama3\n    factor: 8.0\n    low_freq_factor: 1.0\n"
+        "    high_freq_factor: 4.0\n    original_max_position_embeddings: 8192\n"
+    )
+    scaling = load_config(path).model.rope_scaling
+    assert scaling.to_dict() == {
+        "type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+    assert load_config(path, ["model.rope_scaling.factor=32"]).model.rope_scaling.factor == 32.0
+    assert load_config(path, ["model.rope_scaling=null"]).model.rope_scaling is None
+    assert _cfg(LLAMA31).model.rope_scaling == scaling
+    assert _cfg().model.rope_scaling is None  # plain RoPE by default
+    # The resolved config (stored in checkpoints) loads back to the same model.
+    from megatron_forge.config import from_dict
+
+    cfg = load_config(path)
+    assert from_dict(cfg.to_dict()).model == cfg.model
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["model.rope_scaling.factor=32"],
+            r"with command-line override 'model.rope_scaling.factor=32': "
+            r"model.rope_scaling.type is not set; set it to one of \['llama3'\]",
+        ),
+        (
+            ["model.rope_scaling={type: yarn, factor: 4}"],
+            r"model.rope_scaling.type='yarn' must be one of \['llama3'\]",
+        ),
+        (
+            ["model.rope_scaling={type: llama3, factor: 8}"],
+            r"model.rope_scaling.low_freq_factor is required for model.rope_scaling.type=llama3",
+        ),
+        (
+            [LLAMA31, "model.rope_scaling.factor=0.5"],
+            r"model.rope_scaling.factor=0.5 must be >= 1",
+        ),
+        (
+            [LLAMA31, "model.rope_scaling.high_freq_factor=1"],
+            r"low_freq_factor=1.0 and high_freq_factor=1.0 must satisfy 0 < low_freq_factor < "
+            r"high_freq_factor",
+        ),
+        (
+            [LLAMA31, "model.rope_scaling.original_max_position_embeddings=0"],
+            r"model.rope_scaling.original_max_position_embeddings=0 must be positive",
+        ),
+        (
+            ["model.rope_scaling.fator=8"],
+            r"unknown key 'model.rope_scaling.fator'; did you mean 'factor'",
+        ),
+        (["model.rope_scaling=[8]"], r"model.rope_scaling must be a mapping, got \[8\]"),
+        (["model.head_dim.x=1"], r"'model.head_dim' is not a mapping"),
+        (["model.head_dim=0"], r"model.head_dim=0 must be a positive even number"),
+        (["model.head_dim=33"], r"model.head_dim=33 must be a positive even number"),
+        (
+            ["model.hidden_size=100", "model.num_attention_heads=8"],
+            r"model.hidden_size=100 is not divisible by model.num_attention_heads=8; change "
+            r"one, or set model.head_dim",
+        ),
+    ],
+)
+def test_rope_scaling_and_head_dim_errors(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(TINY, overrides)
+
+
+def test_head_dim_and_qk_layernorm() -> None:
+    model = _cfg("model.hidden_size=100", "model.num_attention_heads=8", "model.head_dim=64").model
+    assert model.attention_head_dim == 64  # heads x head_dim need not be hidden_size
+    assert (
+        _cfg("model.hidden_size=128", "model.num_attention_heads=8").model.attention_head_dim == 16
+    )
+    qwen3 = _cfg("model.family=qwen3", "model.qk_layernorm=true", "model.head_dim=128").model
+    check_model_config(qwen3)
+    with pytest.raises(ConfigError, match=r"model.family=qwen3 has QK-norm in every layer; set "):
+        check_model_config(_cfg("model.family=qwen3").model)
+    for family in ("llama", "qwen2"):
+        with pytest.raises(
+            ConfigError, match=rf"model.qk_layernorm=true is not part of model.family={family}"
+        ):
+            check_model_config(_cfg(f"model.family={family}", "model.qk_layernorm=true").model)
 
 
 def test_derived_defaults() -> None:

@@ -113,7 +113,7 @@ LAYERS = [
     ["megatron_forge.cpu", "megatron_forge.distributed", "megatron_forge.data"],
     ["megatron_forge.models", "megatron_forge.memory"],
     ["megatron_forge.checkpointing", "megatron_forge.monitoring"],
-    ["megatron_forge.training", "megatron_forge.convert"],
+    ["megatron_forge.training", "megatron_forge.convert", "megatron_forge.convert.reference"],
     ["megatron_forge.train", "megatron_forge.convert.cli"],
 ]
 

@@ -31,7 +31,7 @@ SMALL_LLAMA = [
 
 def test_hand_computed_dense_tp2_dp2() -> None:
     """TP=2 with SP, DP=2, bf16, distributed optimizer, world size 4."""
-    est = estimate_memory(load_config(None, SMALL_LLAMA), world_size=4)
+    est = estimate_memory(load_config(None, SMALL_LLAMA), world_size=4, flash_attention=False)
     # Per layer: QO 2*64*64 + KV 2*64*32 (2 of 4 heads' width: 64/4*2) = 12288, SwiGLU
     # 3*64*192 = 36864 -> 49152 split over TP, + 2 norms of 64 replicated.
     # Vocab 1000 padded to a multiple of 128 x TP=2 -> 1024; embedding and output 1024*64.
@@ -49,6 +49,28 @@ def test_hand_computed_dense_tp2_dp2() -> None:
         est.weights_gb + est.grads_gb + est.optimizer_gb + est.activations_gb
     )
     assert str(est).startswith(f"{est.total_gb:.1f} GB/GPU = weights ")
+    # Fused (flash) attention stores no scores: 128*2*64*34/2 = 278528 per layer.
+    fused = estimate_memory(load_config(None, SMALL_LLAMA), world_size=4)
+    assert fused.activations_gb * GB == pytest.approx(2 * 278528 + 128 * 2 * 500 * 6)
+    assert fused.weights_gb == est.weights_gb and fused.optimizer_gb == est.optimizer_gb
+
+
+def test_head_dim_and_qk_norm_count() -> None:
+    """SMALL_LLAMA with 4 heads of 32 channels (h=64) and QK-norm: the attention matrices
+    and the activations that scale with the heads' width double."""
+    wide = estimate_memory(
+        load_config(None, [*SMALL_LLAMA, "model.head_dim=32", "model.qk_layernorm=true"]),
+        4,
+        flash_attention=False,
+    )
+    # Per layer: QO 2*64*128 + KV 2*64*64 = 24576, SwiGLU 36864 -> 61440 split over TP;
+    # replicated: 2 norms of 64 and the q/k norms of 32.
+    per_gpu = 2 * (61440 // 2 + 128 + 64) + 2 * (1024 * 64 // 2) + 64
+    assert wide.params_per_gpu == per_gpu
+    # Attention's 8 of the 34 bytes scale by 128/64: 128*2*64*(26 + 16 + 40)/2 per layer.
+    assert wide.activations_gb * GB == pytest.approx(2 * 671744 + 128 * 2 * 500 * 6)
+    same = estimate_memory(load_config(None, [*SMALL_LLAMA, "model.head_dim=16"]), 4)
+    assert same == estimate_memory(load_config(None, SMALL_LLAMA), 4)
 
 
 def test_hand_computed_moe_pp2_ep2_fp32() -> None:
@@ -72,7 +94,8 @@ def test_hand_computed_moe_pp2_ep2_fp32() -> None:
             "precision.params_dtype=fp32",
         ],
     )
-    est = estimate_memory(cfg, world_size=4)  # DP=2, expert-DP = 4 / (PP 2 x EP 2) = 1
+    # DP=2, expert-DP = 4 / (PP 2 x EP 2) = 1; the unfused attention of the local spec
+    est = estimate_memory(cfg, world_size=4, flash_attention=False)
     # One layer per stage: attention 12288 + norms 128 + router 4*64 (whole), experts
     # 4*3*64*128 = 98304 over EP=2. First stage adds the 1024x64 embedding.
     dense, experts = 12288 + 128 + 256 + 1024 * 64, 98304 // 2
@@ -101,7 +124,10 @@ def _comment_estimate(config: Path) -> tuple[int, str]:
     return int(match.group(1)), match.group(2).strip()
 
 
-@pytest.mark.parametrize("name", ["llama_1b", "llama_7b", "llama_70b", "mixtral_8x7b"])
+@pytest.mark.parametrize(
+    "name",
+    ["llama3_2_1b", "llama3_8b", "llama3_70b", "qwen3_8b", "llama_7b", "llama_70b", "mixtral_8x7b"],
+)
 def test_large_configs_fit_80gb_and_comments_match(name: str) -> None:
     config = REPO / "configs" / f"{name}.yaml"
     world_size, stated = _comment_estimate(config)
@@ -131,8 +157,10 @@ def test_recompute_reduces_activations() -> None:
         "model.vocab_size=1000",
         "model.seq_length=512",
     ]
-    none = estimate_memory(load_config(None, base), 1).activations_gb
-    selective = estimate_memory(load_config(None, [*base, "recompute.granularity=selective"]), 1)
+    none = estimate_memory(load_config(None, base), 1, flash_attention=False).activations_gb
+    selective = estimate_memory(
+        load_config(None, [*base, "recompute.granularity=selective"]), 1, flash_attention=False
+    )
     full = estimate_memory(
         load_config(
             None,
@@ -144,5 +172,8 @@ def test_recompute_reduces_activations() -> None:
             ],
         ),
         1,
+        flash_attention=False,
     )
     assert full.activations_gb < selective.activations_gb < none
+    # Selective recompute of core attention saves what fused attention never stores.
+    assert selective == estimate_memory(load_config(None, base), 1)

@@ -6,6 +6,8 @@ punctuation, runs of spaces kept apart) with no prefix space. Special tokens com
 the vocabulary: `<|endoftext|>` (id 0: end of document, the EOS that
 `tools/preprocess_data.py --append-eod` appends), `<|pad|>` (id 1), then any
 `--special-tokens`. BOS is not used (pretraining documents are separated by EOS only).
+Special tokens typed in a document are encoded as the text they are, never as the token
+(`split_special_tokens` in tokenizer_config.json, as in training).
 
 Writes OUTPUT_DIR/tokenizer.json, tokenizer_config.json and special_tokens_map.json: a
 directory that `megatron_forge.data.tokenizer.load_tokenizer` (data.tokenizer) and
@@ -65,6 +67,8 @@ def hf_config_files(args: argparse.Namespace) -> dict[str, dict]:
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,
         "model_max_length": args.model_max_length,
+        # Special tokens typed in text are text, in transformers as in training.
+        "split_special_tokens": True,
     }
     if extra:
         config["additional_special_tokens"] = extra

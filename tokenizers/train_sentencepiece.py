@@ -7,6 +7,12 @@ and fixed special ids: <unk>=0, <s>=1 (bos), </s>=2 (eos, also the end-of-docume
 losslessly. Training reads one sentence per line of each document, samples at most
 `--input-sentence-size` of them with a fixed seed, and is deterministic for a given input.
 
+`--normalization nmt_nfkc` (or nfkc, nmt_nfkc_cf, nfkc_cf) trains with one of SentencePiece's
+own normalizations instead, with its default whitespace handling (leading, trailing and
+repeated spaces removed), as most published SentencePiece models are: what
+tools/bench_preprocess.py measures. Such models tokenize exactly in training and
+preprocessing, but have no exact tokenizer.json for a Hugging Face export.
+
 Usage:
     python tokenizers/train_sentencepiece.py --input corpus.jsonl --model-prefix out/spm
     python tokenizers/train_sentencepiece.py --input corpus.jsonl --model-prefix out/spm \\
@@ -53,6 +59,7 @@ def iter_sentences(path: Path, json_key: str) -> Iterator[str]:
 def trainer_options(args: argparse.Namespace) -> dict[str, object]:
     """Return the SentencePieceTrainer keyword arguments for the parsed command line."""
     symbols = [s for s in (args.user_defined_symbols or "").split(",") if s]
+    identity = args.normalization == "identity"
     return dict(
         model_type=args.model_type,
         vocab_size=args.vocab_size,
@@ -66,8 +73,8 @@ def trainer_options(args: argparse.Namespace) -> dict[str, object]:
         pad_piece="<pad>",
         # Identity normalization + kept whitespace: what Llama does, and what a Hugging Face
         # `tokenizer.json` reproduces exactly (NFKC would need spm's precompiled charsmap).
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
+        normalization_rule_name=args.normalization,
+        remove_extra_whitespaces=not identity,
         add_dummy_prefix=True,
         allow_whitespace_only_pieces=True,
         split_digits=True,
@@ -112,6 +119,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model-prefix", required=True, help="writes PREFIX.model, PREFIX.vocab")
     parser.add_argument("--vocab-size", type=int, default=2048, help="vocabulary size")
     parser.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe", help="algorithm")
+    parser.add_argument(
+        "--normalization",
+        choices=["identity", "nmt_nfkc", "nfkc", "nmt_nfkc_cf", "nfkc_cf"],
+        default="identity",
+        help="SentencePiece normalization rule (default identity: text kept as it is; others "
+        "also remove extra whitespace, as SentencePiece does by default)",
+    )
     parser.add_argument(
         "--byte-fallback",
         action=argparse.BooleanOptionalAction,

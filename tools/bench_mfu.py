@@ -1,9 +1,9 @@
 """Measure training throughput, TFLOP/s, MFU and peak memory of a config on this machine's
 GPUs, for BF16 and (with Transformer Engine) FP8 side by side in one run.
 
-    python tools/bench_mfu.py --config configs/llama_1b.yaml                 # one GPU
+    python tools/bench_mfu.py --config configs/llama3_2_1b.yaml                 # one GPU
     torchrun --nproc_per_node 8 tools/bench_mfu.py --config configs/llama_7b.yaml
-    python tools/bench_mfu.py --config configs/llama_1b.yaml --precisions bf16 \\
+    python tools/bench_mfu.py --config configs/llama3_2_1b.yaml --precisions bf16 \\
         parallel.tensor=1 train.micro_batch_size=2 recompute.granularity=null
 
 Each precision builds the model afresh on the same process groups, runs ``--warmup``

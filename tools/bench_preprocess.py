@@ -1,17 +1,28 @@
 """Benchmark tools/preprocess_data.py against Megatron-LM's two preprocessing strategies.
 
 Builds a corpus of at least `--size-mb` MB (10^6 bytes) by replicating the sample corpus of
-tools/make_sample_corpus.py (or takes `--input`, one uncompressed jsonl file), trains a 4k
-SentencePiece BPE model on the sample with tokenizers/train_sentencepiece.py (or takes
-`--tokenizer`), then tokenizes the corpus with every method at every `--workers` count, each
-run in its own subprocess, and prints one table row per run: wall seconds (start-up
-included), input MB/s, output tokens/s, peak RSS (summed over the run's processes, sampled
-every 50 ms; pages shared by forked workers count once per process), CPU seconds (user +
-system, all processes) and the speedup over the Megatron-LM-style baseline at the same worker
-count. With `--repeat R` every run is made R times, round-robin, and the table shows the run
-of median time. Every run appends EOD to each document, and every output is compared with
-ours at the first worker count: byte-identical .bin/.idx, or how many documents' tokens
-differ.
+tools/make_sample_corpus.py (or takes `--input`, one uncompressed jsonl file), trains the
+`--tokenizers` kinds on the sample (or takes one `--tokenizer`), then tokenizes the corpus
+with every tokenizer, every method and every `--workers` count, each run in its own
+subprocess, and prints one table row per run: wall seconds (start-up included), input MB/s,
+output tokens/s, peak RSS (summed over the run's processes, sampled every 50 ms; pages
+shared by forked workers count once per process), CPU seconds (user + system, all
+processes) and the speedup over the Megatron-LM-style baseline with the same tokenizer and
+worker count. With `--repeat R` every run is made R times, round-robin, and the table shows
+the run of median time. Every run appends EOD to each document, and every output is compared
+with ours at the first worker count for the same tokenizer: byte-identical .bin/.idx, or how
+many documents' tokens differ.
+
+Tokenizers (`--tokenizers`), each trained on the sample corpus in the benchmark:
+  spm          SentencePiece BPE, `--vocab-size` (4k), no normalization, whitespace kept
+               (tokenizers/train_sentencepiece.py's default).
+  spm-nfkc     the same with SentencePiece's default normalization, nmt_nfkc (precompiled
+               charsmap, extra whitespace removed), as most published SentencePiece models.
+  bpe          a byte-level BPE tokenizer.json (GPT-2 / Llama 3 / Qwen kind) of
+               `--bpe-vocab-size` (32k) entries, tokenizers/train_hf_bpe.py. The stdlib
+               sample alone has too few distinct words for 32k merges, so its training text
+               adds up to `--bpe-extra-mb` MB of docstrings of the installed packages (the
+               same tool over site-packages).
 
 Methods (`--methods`):
   ours         tools/preprocess_data.py --workers N (default `--tokenizer-backend auto`).
@@ -37,7 +48,8 @@ A replicated corpus repeats every word, which favours tokenizers that cache word
 for figures that transfer.
 
 Usage:
-    python tools/bench_preprocess.py                        # 200 MB, 4k SentencePiece, 1 and 2
+    python tools/bench_preprocess.py                        # 200 MB, 3 tokenizers, 1 and 2
+    python tools/bench_preprocess.py --size-mb 20 --tokenizers spm-nfkc bpe --methods ours megatron
     python tools/bench_preprocess.py --size-mb 20 --workers 1 2 4 --methods ours megatron
     python tools/bench_preprocess.py --repeat 3 --methods ours gigatoken --work-dir /tmp/b
     python tools/bench_preprocess.py --input web.jsonl --tokenizer /models/llama/tokenizer.model
@@ -74,6 +86,7 @@ REPO = Path(__file__).resolve().parents[1]  # the sample corpus and tokenizer sc
 
 MB = 1_000_000
 DEFAULT_METHODS = ["megatron", "ours", "gigatoken"]
+TOKENIZER_KINDS = ["spm", "spm-nfkc", "bpe"]
 ALL_METHODS = ["megatron", "ours", "ours-native", "gigatoken", "hf-batch"]
 LABELS = {
     "megatron": "Megatron-LM-style",
@@ -208,6 +221,7 @@ CHILDREN = {"megatron": run_megatron_style, "gigatoken": run_gigatoken, "hf-batc
 class Run:
     method: str
     workers: int
+    tokenizer: str = ""  # the --tokenizers kind, or "given"
     seconds: float = 0.0
     mb_per_s: float = 0.0
     tokens: int = 0
@@ -236,14 +250,45 @@ def build_corpus(work: Path, size_mb: float) -> Path:
     return corpus
 
 
-def train_tokenizer(work: Path, sample: Path, vocab_size: int) -> Path:
-    prefix = work / f"spm{vocab_size}"
-    trainer = REPO / "tokenizers/train_sentencepiece.py"
+def train_tokenizers(args: argparse.Namespace, work: Path, sample: Path) -> dict[str, str]:
+    """Train each `--tokenizers` kind on the sample; return kind -> tokenizer path."""
+    paths = {}
+    for kind in args.tokenizers:
+        if kind == "bpe":
+            paths[kind] = str(train_bpe(work, sample, args.bpe_vocab_size, args.bpe_extra_mb))
+            continue
+        prefix = work / f"{kind}{args.vocab_size}"
+        trainer = REPO / "tokenizers/train_sentencepiece.py"
+        normalization = "nmt_nfkc" if kind == "spm-nfkc" else "identity"
+        run_checked(
+            [sys.executable, str(trainer), "--input", str(sample), "--model-prefix", str(prefix)]
+            + ["--vocab-size", str(args.vocab_size), "--normalization", normalization]
+        )
+        paths[kind] = str(prefix.with_suffix(".model"))
+    return paths
+
+
+def train_bpe(work: Path, sample: Path, vocab_size: int, extra_mb: float) -> Path:
+    """A byte-level BPE tokenizer.json trained on the sample plus up to `extra_mb` MB of the
+    installed packages' docstrings (the stdlib sample alone stops short of 32k merges)."""
+    import sysconfig
+
+    text = sample
+    if extra_mb > 0:
+        extra = work / "bpe_extra.jsonl"
+        run_checked(
+            [sys.executable, str(REPO / "tools/make_sample_corpus.py"), "--output", str(extra)]
+            + ["--max-bytes", str(int(extra_mb * MB))]
+            + ["--stdlib-dir", sysconfig.get_paths()["purelib"]]
+        )
+        text = work / "bpe_train.jsonl"
+        text.write_bytes(sample.read_bytes() + extra.read_bytes())
+    out = work / f"bpe{vocab_size}"
     run_checked(
-        [sys.executable, str(trainer), "--input", str(sample), "--model-prefix", str(prefix)]
-        + ["--vocab-size", str(vocab_size)]
+        [sys.executable, str(REPO / "tokenizers/train_hf_bpe.py"), "--input", str(text)]
+        + ["--output-dir", str(out), "--vocab-size", str(vocab_size), "--overwrite"]
     )
-    return prefix.with_suffix(".model")
+    return out
 
 
 def run_checked(cmd: list[str]) -> None:
@@ -292,7 +337,9 @@ def measure(cmd: list[str], env: dict[str, str], log: Path) -> tuple[float, int,
     return seconds, peak, cpu, proc.returncode
 
 
-def command(method: str, args: argparse.Namespace, workers: int, prefix: Path, extra: dict) -> list:
+def command(
+    method: str, args: argparse.Namespace, tokenizer: str, workers: int, prefix: Path, extra: dict
+) -> list:
     """The command line of one run, writing `output_path(prefix)`.bin/.idx."""
     output = str(output_path(prefix, args.json_key))
     if method in ("ours", "ours-native"):
@@ -301,14 +348,14 @@ def command(method: str, args: argparse.Namespace, workers: int, prefix: Path, e
             sys.executable,
             str(REPO / "tools/preprocess_data.py"),
             *("--input", str(args.input), "--output-prefix", str(prefix)),
-            *("--tokenizer", str(args.tokenizer), "--json-keys", args.json_key, "--append-eod"),
+            *("--tokenizer", tokenizer, "--json-keys", args.json_key, "--append-eod"),
             *("--workers", str(workers), "--tokenizer-backend", backend, "--overwrite"),
         ]
     return [
         sys.executable,
         str(Path(__file__).resolve()),
         *("--child", method, "--input", str(args.input), "--output", output),
-        *("--tokenizer", str(args.tokenizer), "--json-key", args.json_key),
+        *("--tokenizer", tokenizer, "--json-key", args.json_key),
         *("--workers", str(workers), "--eod", str(extra["eod"]), "--dtype", extra["dtype"]),
     ]
 
@@ -373,37 +420,50 @@ def gigatoken_problem(tokenizer: str) -> str | None:
     return None
 
 
-def run_all(args: argparse.Namespace, work: Path) -> list[Run]:
-    """Every method at every worker count, `--repeat` times round-robin; per method and
-    worker count, the run of median time is kept (its RSS and CPU time with it)."""
+def run_all(args: argparse.Namespace, work: Path, tokenizers: dict[str, str]) -> list[Run]:
+    """Every tokenizer, method and worker count, `--repeat` times round-robin; per
+    tokenizer, method and worker count, the run of median time is kept (its RSS and CPU time
+    with it)."""
     from megatron_forge.data.tokenizer import load_tokenizer
 
-    tok = load_tokenizer(args.tokenizer)
-    extra = {"eod": tok.eod, "dtype": np.dtype(optimal_dtype(tok.vocab_size)).name}
-    methods = list(args.methods)
-    if "gigatoken" in methods and (problem := gigatoken_problem(str(args.tokenizer))):
-        print(f"note: {problem}; comparing with the tokenizers library's batch encoding instead")
-        methods = [m for m in methods if m != "gigatoken"]
-        methods += [] if "hf-batch" in methods else ["hf-batch"]
+    trials: dict[tuple[str, str, int], list[Run]] = {}
+    commands = {}
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     size = os.path.getsize(args.input)
-    trials: dict[tuple[str, int], list[Run]] = {(m, w): [] for m in methods for w in args.workers}
     (work / "out").mkdir(exist_ok=True)
-    for trial in range(args.repeat):
-        for (method, workers), runs in trials.items():
-            prefix = work / "out" / f"{method}_w{workers}"
-            run = Run(method, workers, output=str(output_path(prefix, args.json_key)))
-            log = prefix.with_suffix(".log")
-            cmd = command(method, args, workers, prefix, extra)
+    for kind, path in tokenizers.items():
+        tok = load_tokenizer(path)
+        extra = {"eod": tok.eod, "dtype": np.dtype(optimal_dtype(tok.vocab_size)).name}
+        methods = list(args.methods)
+        if "gigatoken" in methods and (problem := gigatoken_problem(path)):
             print(
-                f"running {LABELS[method]}, {workers} worker(s), trial {trial + 1}/{args.repeat}",
+                f"note: {kind}: {problem}; comparing with the tokenizers library's batch encoding"
+            )
+            methods = [m for m in methods if m != "gigatoken"]
+            methods += [] if "hf-batch" in methods else ["hf-batch"]
+        for method in methods:
+            for workers in args.workers:
+                prefix = work / "out" / f"{kind}_{method}_w{workers}"
+                trials[(kind, method, workers)] = []
+                commands[(kind, method, workers)] = (
+                    command(method, args, path, workers, prefix, extra),
+                    prefix,
+                )
+    for trial in range(args.repeat):
+        for (kind, method, workers), runs in trials.items():
+            cmd, prefix = commands[(kind, method, workers)]
+            run = Run(method, workers, kind, output=str(output_path(prefix, args.json_key)))
+            print(
+                f"running {kind}: {LABELS[method]}, {workers} worker(s), "
+                f"trial {trial + 1}/{args.repeat}",
                 file=sys.stderr,
                 flush=True,
             )
-            run.seconds, peak, run.cpu_seconds, code = measure(cmd, env, log)
+            run.seconds, peak, run.cpu_seconds, code = measure(cmd, env, prefix.with_suffix(".log"))
             run.peak_rss_mb = peak / 2**20
             if code != 0:
-                run.error = f"exit {code}: " + log.read_text(errors="replace").strip()[-2000:]
+                log = prefix.with_suffix(".log").read_text(errors="replace").strip()
+                run.error = f"exit {code}: " + log[-2000:]
                 print(run.error, file=sys.stderr)
             else:
                 run.tokens = int(read_index(run.output)[1].sum())
@@ -415,32 +475,37 @@ def run_all(args: argparse.Namespace, work: Path) -> list[Run]:
         failed = [r for r in trial_runs if r.error]
         by_time = sorted(trial_runs, key=lambda r: r.seconds)
         runs.append(failed[0] if failed else by_time[(len(by_time) - 1) // 2])
-    done = [r for r in runs if not r.error]
-    reference = next((r for r in done if r.method == "ours"), done[0] if done else None)
-    for run in done:
-        run.check = (
-            "reference" if run is reference else compare_outputs(reference.output, run.output)
-        )
-        base = next((b for b in done if b.method == "megatron" and b.workers == run.workers), None)
-        run.speedup = base.seconds / run.seconds if base else None
+    for kind in tokenizers:
+        done = [r for r in runs if not r.error and r.tokenizer == kind]
+        reference = next((r for r in done if r.method == "ours"), done[0] if done else None)
+        for run in done:
+            run.check = (
+                "reference" if run is reference else compare_outputs(reference.output, run.output)
+            )
+            base = next(
+                (b for b in done if b.method == "megatron" and b.workers == run.workers), None
+            )
+            run.speedup = base.seconds / run.seconds if base else None
     return runs
 
 
 def format_table(runs: list[Run]) -> str:
     header = (
-        f"{'method':<20} {'workers':>7} {'seconds':>8} {'MB/s':>7} {'tokens/s':>11} "
-        f"{'peak RSS MB':>11} {'CPU s':>7} {'vs Megatron-LM':>14}  tokens"
+        f"{'tokenizer':<9} {'method':<20} {'workers':>7} {'seconds':>8} {'MB/s':>7} "
+        f"{'tokens/s':>11} {'peak RSS MB':>11} {'CPU s':>7} {'vs Megatron-LM':>14}  tokens"
     )
     lines = [header, "-" * len(header)]
     for r in runs:
         if r.error:
             lines.append(
-                f"{LABELS[r.method]:<20} {r.workers:>7}  failed: {r.error.splitlines()[0]}"
+                f"{r.tokenizer:<9} {LABELS[r.method]:<20} {r.workers:>7}  "
+                f"failed: {r.error.splitlines()[0]}"
             )
             continue
         speedup = f"{r.speedup:.1f}x" if r.speedup is not None else "-"
         lines.append(
-            f"{LABELS[r.method]:<20} {r.workers:>7} {r.seconds:>8.1f} {r.mb_per_s:>7.1f} "
+            f"{r.tokenizer:<9} {LABELS[r.method]:<20} {r.workers:>7} {r.seconds:>8.1f} "
+            f"{r.mb_per_s:>7.1f} "
             f"{r.tokens_per_s:>11,.0f} {r.peak_rss_mb:>11.0f} {r.cpu_seconds:>7.1f} "
             f"{speedup:>14}  {r.check}"
         )
@@ -448,21 +513,37 @@ def format_table(runs: list[Run]) -> str:
 
 
 def verdict(runs: list[Run]) -> list[str]:
-    """One line per worker count: ours against the Megatron-LM-style and Rust runs."""
+    """One line per tokenizer and worker count: ours against the Megatron-LM-style and Rust
+    runs."""
     lines = []
-    by_key = {(r.method, r.workers): r for r in runs if not r.error}
-    for workers in sorted({r.workers for r in runs}):
-        ours = by_key.get(("ours", workers))
-        if ours is None:
-            continue
-        parts = [f"{workers} worker(s): ours {ours.mb_per_s:.1f} MB/s"]
-        if base := by_key.get(("megatron", workers)):
-            parts.append(f"{base.seconds / ours.seconds:.1f}x Megatron-LM-style")
-        for fast in ("gigatoken", "hf-batch"):
-            if other := by_key.get((fast, workers)):
-                parts.append(f"{other.seconds / ours.seconds:.2f}x {LABELS[fast]}")
-        lines.append(", ".join(parts))
+    by_key = {(r.tokenizer, r.method, r.workers): r for r in runs if not r.error}
+    for kind in dict.fromkeys(r.tokenizer for r in runs):
+        for workers in sorted({r.workers for r in runs}):
+            ours = by_key.get((kind, "ours", workers))
+            if ours is None:
+                continue
+            parts = [f"{kind}, {workers} worker(s): ours {ours.mb_per_s:.1f} MB/s"]
+            if base := by_key.get((kind, "megatron", workers)):
+                parts.append(
+                    f"{base.seconds / ours.seconds:.1f}x Megatron-LM-style "
+                    f"({base.cpu_seconds / ours.cpu_seconds:.1f}x in CPU time)"
+                )
+            for fast in ("gigatoken", "hf-batch"):
+                if other := by_key.get((kind, fast, workers)):
+                    parts.append(f"{other.seconds / ours.seconds:.2f}x {LABELS[fast]}")
+            lines.append(", ".join(parts))
     return lines
+
+
+def describe(kind: str, path: str) -> str:
+    """`kind` (library, vocabulary size, normalization): path."""
+    from megatron_forge.data.tokenizer import SentencePieceTokenizer, load_tokenizer, spm_proto
+
+    tok = load_tokenizer(path)
+    what = f"{tok.library}, {tok.vocab_size} entries"
+    if isinstance(tok, SentencePieceTokenizer):
+        what += f", {spm_proto(tok.model_file).normalizer_spec.name or 'identity'}"
+    return f"{kind} ({what}): {path}"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -471,8 +552,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--input", type=Path, help="jsonl file (default: the sample, replicated)")
     parser.add_argument("--size-mb", type=float, default=200, help="corpus size to build (10^6 B)")
-    parser.add_argument("--tokenizer", help="tokenizer (default: train a SentencePiece BPE model)")
-    parser.add_argument("--vocab-size", type=int, default=4096, help="of the trained tokenizer")
+    parser.add_argument(
+        "--tokenizer", help="one tokenizer to use instead of training the --tokenizers kinds"
+    )
+    parser.add_argument(
+        "--tokenizers",
+        nargs="+",
+        choices=TOKENIZER_KINDS,
+        default=TOKENIZER_KINDS,
+        help="tokenizers to train on the sample and run (see above)",
+    )
+    parser.add_argument(
+        "--vocab-size", type=int, default=4096, help="of the trained SentencePiece models"
+    )
+    parser.add_argument(
+        "--bpe-vocab-size", type=int, default=32768, help="of the trained byte-level BPE"
+    )
+    parser.add_argument(
+        "--bpe-extra-mb",
+        type=float,
+        default=6,
+        help="MB of installed packages' docstrings added to the BPE training text (0: none)",
+    )
     parser.add_argument("--json-key", default="text", help="record key holding the text")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts")
     parser.add_argument(
@@ -514,11 +615,14 @@ def main(argv: list[str] | None = None) -> int:
             args.input = build_corpus(work, args.size_mb)
         if args.tokenizer is None:
             sample = work / "sample.jsonl" if (work / "sample.jsonl").exists() else args.input
-            args.tokenizer = str(train_tokenizer(work, sample, args.vocab_size))
+            tokenizers = train_tokenizers(args, work, sample)
+        else:
+            tokenizers = {"given": str(args.tokenizer)}
         setup = time.perf_counter() - start
-        runs = run_all(args, work)
+        runs = run_all(args, work, tokenizers)
         size = os.path.getsize(args.input)
-        print(f"corpus: {args.input} ({size / MB:.1f} MB); tokenizer: {args.tokenizer}")
+        print(f"corpus: {args.input} ({size / MB:.1f} MB)")
+        print("tokenizers: " + "; ".join(describe(k, p) for k, p in tokenizers.items()))
         print(f"setup (corpus, tokenizer): {setup:.1f}s; machine: {os.cpu_count()} CPUs")
         print(format_table(runs))
         for line in verdict(runs):

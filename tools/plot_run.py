@@ -2,18 +2,27 @@
 """Training curves from metrics.jsonl, for runs you cannot (or do not want to) see in W&B.
 
     python tools/plot_run.py runs/tiny [runs/other ...] -o curves.png [--labels a b]
+    python tools/plot_run.py --schedules CONFIG[:key=value,...] [...] -o lr.png
 
 Four panels, the runs overlaid: loss (train as lines, validation as dashed markers),
 learning rate, throughput (tokens/s per GPU) and MFU in % (TFLOP/s per GPU when a run has
 no MFU, e.g. on CPU or an unknown GPU). Headless: renders with matplotlib's Agg canvas,
 no display or pyplot needed.
+
+``--schedules`` plots the learning rate of each step of configs, without training: each
+argument is a config file and, after a colon, comma-separated overrides, e.g.
+``configs/tiny.yaml:train.decay_style=wsd,train.wsd_decay_iters=12``. The curves come from
+the scheduler a run builds (megatron-core's OptimizerParamScheduler, stepped in samples);
+with a batch-size ramp-up a second panel shows the global batch of each step.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -91,17 +100,80 @@ def plot_runs(run_dirs: list[str | Path], labels: Optional[list[str]] = None) ->
     return fig
 
 
+def parse_schedule(spec: str) -> tuple[str, list[str]]:
+    """``CONFIG[:key=value,...]`` -> (config path, overrides); commas inside [...] belong
+    to a list value (``train.rampup_batch_size=[4,4,64]``)."""
+    path, _, rest = spec.partition(":")
+    overrides = [x for x in re.split(r",(?![^\[]*\])", rest) if x] if rest else []
+    return path, overrides
+
+
+def schedule_curve(spec: str) -> tuple[list[int], list[float], list[int]]:
+    """(steps, lr of each step, global batch of each step) of the run a spec describes."""
+    from megatron_forge.config import load_config
+    from megatron_forge.data.datasets import BatchSizes
+    from megatron_forge.training.optim import lr_curve
+
+    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex")  # CPU notes
+    path, overrides = parse_schedule(spec)
+    cfg = load_config(path, overrides)
+    sizes = BatchSizes(cfg.train)
+    steps = list(range(1, cfg.train.train_iters + 1))
+    batches = [sizes.at(sizes.samples_at_step(step - 1)) for step in steps]
+    return steps, lr_curve(cfg), batches
+
+
+def plot_schedules(specs: list[str], labels: Optional[list[str]] = None) -> Figure:
+    """The learning rate (and, with a ramp-up, the global batch) of each step of the runs
+    the specs describe."""
+    curves = [schedule_curve(spec) for spec in specs]
+    labels = labels or [",".join(parse_schedule(s)[1]) or s for s in specs]
+    ramped = any(len(set(batches)) > 1 for _, _, batches in curves)
+    fig = Figure(figsize=(13, 8 if ramped else 5), layout="constrained")
+    axes = fig.subplots(2, 1, sharex=True) if ramped else [fig.subplots()]
+    for label, (steps, lrs, batches) in zip(labels, curves):
+        (line,) = axes[0].plot(steps, lrs, label=label)
+        if ramped:
+            axes[1].plot(steps, batches, color=line.get_color(), label=label)
+    axes[0].set_title("learning rate schedule")
+    axes[0].set_ylabel("lr")
+    axes[0].ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    if ramped:
+        axes[1].set_title("global batch size (ramp-up)")
+        axes[1].set_ylabel("samples")
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    return fig
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dirs", nargs="+", type=Path, help="run directories (logging.dir)")
+    parser.add_argument("run_dirs", nargs="*", type=Path, help="run directories (logging.dir)")
     parser.add_argument("-o", "--output", type=Path, default=Path("curves.png"))
-    parser.add_argument("--labels", nargs="+", help="legend labels, one per run directory")
+    parser.add_argument("--labels", nargs="+", help="legend labels, one per run or schedule")
+    parser.add_argument(
+        "--schedules",
+        nargs="+",
+        metavar="CONFIG[:OVERRIDES]",
+        help="plot the lr schedules of configs, without training (see above)",
+    )
     args = parser.parse_args(argv)
-    if args.labels and len(args.labels) != len(args.run_dirs):
-        parser.error(f"--labels has {len(args.labels)} names for {len(args.run_dirs)} runs")
+    curves = args.schedules or args.run_dirs
+    if bool(args.schedules) == bool(args.run_dirs):
+        parser.error("give run directories or --schedules, not both (nor neither)")
+    if args.labels and len(args.labels) != len(curves):
+        what = "schedules" if args.schedules else "runs"
+        parser.error(f"--labels has {len(args.labels)} names for {len(curves)} {what}")
+    from megatron_forge.errors import ForgeError
+
     try:
-        fig = plot_runs(args.run_dirs, args.labels)
-    except FileNotFoundError as err:
+        if args.schedules:
+            fig = plot_schedules(args.schedules, args.labels)
+        else:
+            fig = plot_runs(args.run_dirs, args.labels)
+    except (FileNotFoundError, ForgeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -9,14 +9,17 @@ the vocabulary has fewer than 65500 entries, else int32 (megatron-core's
 `DType.optimal_dtype`).
 
 Speed: `--workers N` processes parse and tokenize chunks of records, each with one batch call
-into the tokenizer that returns numpy arrays: for SentencePiece BPE models the Rust `gigatoken`
-package when it is installed (same ids as sentencepiece, about 10x faster; see
-megatron_forge.data.tokenizer.GigatokenSentencePiece), else SentencePiece's list encode or the
-`tokenizers` library's `encode_batch_fast`; `--tokenizer-backend native` forces the latter.
+into the tokenizer that returns numpy arrays: the Rust `gigatoken` package when it is
+installed and encodes the tokenizer exactly (checked at load; see
+megatron_forge.data.tokenizer.GigatokenEncoder): SentencePiece BPE models with byte fallback
+and any normalization (nmt_nfkc models are normalized by sentencepiece itself first) and
+Hugging Face tokenizer.json BPE tokenizers. Otherwise (unigram models, say) SentencePiece's
+list encode or the `tokenizers` library's `encode_batch_fast`; `--tokenizer-backend native`
+forces the latter. The summary line names the backend, and why gigatoken was not used.
 jsonl chunks are parsed by Arrow's JSON reader (line by line with json.loads when a chunk has
 a bad record, for its exact message), and with gigatoken the texts stay Arrow arrays, never
-Python strings. The main process only reads (whole blocks, not lines), decompresses and
-writes; nothing imports torch. Results are written in input order, so
+Python strings (except for a SentencePiece normalizer). The main process only reads (whole
+blocks, not lines), decompresses and writes; nothing imports torch. Results are written in input order, so
 the output is byte-identical for any number of workers. At most `4 x workers` chunks are in
 flight and the index is built from a spooled file, so memory stays flat however large the
 input is. Progress lines report docs/s and tokens/s; tools/bench_preprocess.py measures it

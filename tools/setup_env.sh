@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create (or reuse) .venv with megatron-forge and its test extra installed.
+# Create (or reuse) .venv with megatron-forge and its test and mlflow extras installed.
 #
 #   bash tools/setup_env.sh            # CPU machine: torch==2.13.0 CPU wheel
 #   FORGE_TORCH="torch" bash tools/setup_env.sh   # a cluster: your CUDA build of torch
@@ -25,6 +25,7 @@ if [[ -f "$stamp" && "$stamp" -nt pyproject.toml ]]; then
 fi
 "$VENV/bin/pip" install -q --upgrade pip
 "$VENV/bin/pip" install -q "$TORCH_SPEC"
-"$VENV/bin/pip" install -q -e ".[test]"
+# mlflow: the MLflow logger is optional for users, but CI runs its tests
+"$VENV/bin/pip" install -q -e ".[test,mlflow]"
 touch "$stamp"
 echo "[setup] installed: $("$VENV/bin/python" -c 'import torch, megatron.core as m; print("torch", torch.__version__, "megatron-core", m.__version__)' 2>/dev/null)"

@@ -96,6 +96,16 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
     return value
 
 
+def _nested_section(hint: Any) -> Optional[type]:
+    """The dataclass of a nested mapping's type hint (``X`` or ``Optional[X]``), else None."""
+    if dataclasses.is_dataclass(hint):
+        return hint
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        nested = [arg for arg in typing.get_args(hint) if dataclasses.is_dataclass(arg)]
+        return nested[0] if nested else None
+    return None
+
+
 def _build_section(cls: type, values: dict[str, Any], where: str) -> Any:
     _require(isinstance(values, dict), f"{where} must be a mapping, got {values!r}")
     hints = typing.get_type_hints(cls)
@@ -104,8 +114,13 @@ def _build_section(cls: type, values: dict[str, Any], where: str) -> Any:
     for key, value in values.items():
         _require(key in names, f"unknown key '{where}.{key}'" + _suggest(key, names))
         hint = hints[key]
-        if dataclasses.is_dataclass(hint):
-            kwargs[key] = _build_section(hint, value or {}, f"{where}.{key}")
+        nested = _nested_section(hint)
+        if nested is not None and isinstance(value, nested):
+            kwargs[key] = value
+        elif nested is not None and not (value is None and nested is not hint):
+            kwargs[key] = _build_section(nested, value or {}, f"{where}.{key}")
+        elif nested is not None:
+            kwargs[key] = None  # an optional mapping set to null
         else:
             kwargs[key] = _check_type(value, hint, f"{where}.{key}")
     return cls(**kwargs)
@@ -150,17 +165,29 @@ def _parse_override(item: str) -> tuple[str, str, Any]:
 
 
 def _check_override_key(item: str, section: str, key: str) -> None:
-    """Unknown sections and keys, named as the override (not as a fault of the file)."""
+    """Unknown sections and keys, named as the override (not as a fault of the file);
+    ``key`` may reach into a nested mapping (``rope_scaling.factor``)."""
     hints = typing.get_type_hints(Config)
     sections = list(hints)
     _require(
         section in sections,
         f"{OVERRIDE} {item!r}: unknown section '{section}'" + _suggest(section, sections),
     )
-    names = [f.name for f in dataclasses.fields(hints[section])]
-    _require(
-        key in names, f"{OVERRIDE} {item!r}: unknown key '{section}.{key}'" + _suggest(key, names)
-    )
+    cls, where = hints[section], section
+    parts = key.split(".")
+    for depth, part in enumerate(parts):
+        names = [f.name for f in dataclasses.fields(cls)]
+        _require(
+            part in names,
+            f"{OVERRIDE} {item!r}: unknown key '{where}.{part}'" + _suggest(part, names),
+        )
+        where = f"{where}.{part}"
+        nested = _nested_section(typing.get_type_hints(cls)[part])
+        _require(
+            nested is not None or depth == len(parts) - 1,
+            f"{OVERRIDE} {item!r}: '{where}' is not a mapping; set it as {where}=VALUE",
+        )
+        cls = nested
 
 
 def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -177,8 +204,20 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
         if values.get(section) is None:
             values[section] = {}
         if isinstance(values[section], dict):  # else from_dict names the file's bad section
-            values[section][key] = value
+            _set_nested(values[section], key.split("."), value)
     return values
+
+
+def _set_nested(values: dict[str, Any], path: list[str], value: Any) -> None:
+    """``values[a][b]... = value``, copying (or creating, over a null) each mapping on the
+    way so that the caller's dicts are left as they were."""
+    for part in path[:-1]:
+        inner = values.get(part)
+        if not isinstance(inner, dict):  # null (or a bad value, which the override replaces)
+            inner = {}
+        values[part] = inner = dict(inner)
+        values = inner
+    values[path[-1]] = value
 
 
 def _named_overrides(message: str, overrides: list[str]) -> list[str]:
@@ -186,7 +225,9 @@ def _named_overrides(message: str, overrides: list[str]) -> list[str]:
     named = []
     for item in overrides:
         path = item.split("=", 1)[0]
-        if re.search(rf"(?<![\w.]){re.escape(path)}(?![\w])", message):
+        # A nested key (model.rope_scaling.factor) is also named by its mapping's errors.
+        paths = [path] + ([path.rsplit(".", 1)[0]] if path.count(".") > 1 else [])
+        if any(re.search(rf"(?<![\w.]){re.escape(p)}(?![\w])", message) for p in paths):
             named.append(item)
     return named
 

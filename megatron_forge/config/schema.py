@@ -22,11 +22,78 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+ROPE_SCALING_FIELDS: dict[str, tuple[str, ...]] = {
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+"""The fields each ``model.rope_scaling.type`` needs (and the only ones it may set)."""
+
+
+@dataclass
+class RopeScalingConfig:
+    """RoPE frequency scaling (``model.rope_scaling``); ``type`` selects the method and
+    with it the fields that must be set (:data:`ROPE_SCALING_FIELDS`):
+
+    ``llama3`` (Llama 3.1 and later): wavelengths longer than
+    original_max_position_embeddings / low_freq_factor are divided by ``factor``, those
+    shorter than original_max_position_embeddings / high_freq_factor are kept, and the
+    ones in between are interpolated smoothly; Llama 3.1 uses factor 8, low_freq_factor 1,
+    high_freq_factor 4, original_max_position_embeddings 8192, Llama 3.2 factor 32."""
+
+    type: Optional[Literal["llama3"]] = None
+    factor: Optional[float] = None
+    low_freq_factor: Optional[float] = None
+    high_freq_factor: Optional[float] = None
+    original_max_position_embeddings: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        where = "model.rope_scaling"
+        _require(
+            self.type in ROPE_SCALING_FIELDS,
+            f"{where}.type is not set; set it to one of {list(ROPE_SCALING_FIELDS)} with "
+            "that type's fields (or model.rope_scaling: null for plain RoPE)",
+        )
+        needed = ROPE_SCALING_FIELDS[self.type]
+        for name in (f.name for f in dataclasses.fields(self) if f.name != "type"):
+            value = getattr(self, name)
+            if name in needed:
+                _require(
+                    value is not None,
+                    f"{where}.{name} is required for {where}.type={self.type} (needs "
+                    f"{', '.join(needed)}; Llama 3.1: factor 8.0, low_freq_factor 1.0, "
+                    "high_freq_factor 4.0, original_max_position_embeddings 8192)",
+                )
+            else:
+                _require(
+                    value is None,
+                    f"{where}.{name}={value!r} is not used by {where}.type={self.type}; remove it",
+                )
+        if self.type == "llama3":
+            _require(
+                self.factor >= 1.0,
+                f"{where}.factor={self.factor} must be >= 1 (1 keeps every frequency)",
+            )
+            _require(
+                0 < self.low_freq_factor < self.high_freq_factor,
+                f"{where}: low_freq_factor={self.low_freq_factor} and high_freq_factor="
+                f"{self.high_freq_factor} must satisfy 0 < low_freq_factor < high_freq_factor",
+            )
+            _require(
+                self.original_max_position_embeddings > 0,
+                f"{where}.original_max_position_embeddings="
+                f"{self.original_max_position_embeddings} must be positive (the context "
+                "length the model was first trained with, e.g. 8192)",
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """``type`` and the fields it uses."""
+        return {"type": self.type, **{k: getattr(self, k) for k in ROPE_SCALING_FIELDS[self.type]}}
+
+
 @dataclass
 class ModelConfig:
     family: str = "llama"
     """Model family, one registered in megatron_forge/models/: ``llama`` (dense), ``qwen2``
-    (dense, QKV bias), ``mixtral`` (MoE), ... Checked, with the family's own rules (MoE
+    (dense, QKV bias), ``qwen3`` (dense, QK-norm), ``mixtral`` (MoE), ... Checked, with the family's own rules (MoE
     families need num_experts, dense ones refuse it), by
     ``megatron_forge.models.check_model_config``: the config layer knows no family."""
     num_layers: int = 2
@@ -40,6 +107,16 @@ class ModelConfig:
     max_position_embeddings: Optional[int] = None
     """Longest sequence the RoPE tables cover; default: seq_length."""
     rotary_base: float = 10000.0
+    rope_scaling: Optional[RopeScalingConfig] = None
+    """RoPE frequency scaling, a mapping with ``type`` (``llama3``) and that type's fields
+    (see :class:`RopeScalingConfig`), e.g. ``{type: llama3, factor: 8.0, low_freq_factor:
+    1.0, high_freq_factor: 4.0, original_max_position_embeddings: 8192}``; null for plain
+    RoPE."""
+    head_dim: Optional[int] = None
+    """Channels per attention head (megatron's kv_channels); null: hidden_size /
+    num_attention_heads. Set it when heads x head_dim differs from hidden_size (Qwen3: 128)."""
+    qk_layernorm: bool = False
+    """RMSNorm over each query and key head before RoPE (Qwen3's QK-norm)."""
     norm_epsilon: float = 1e-5
     vocab_size: Optional[int] = None
     """Tokenizer vocabulary; default: read from data.tokenizer. Padded for TP at build."""
@@ -67,11 +144,21 @@ class ModelConfig:
             self.num_query_groups = self.num_attention_heads
         if self.max_position_embeddings is None:
             self.max_position_embeddings = self.seq_length
-        _require(
-            self.hidden_size % self.num_attention_heads == 0,
-            f"model.hidden_size={self.hidden_size} is not divisible by "
-            f"model.num_attention_heads={self.num_attention_heads}",
-        )
+        if self.head_dim is None:
+            _require(
+                self.hidden_size % self.num_attention_heads == 0,
+                f"model.hidden_size={self.hidden_size} is not divisible by "
+                f"model.num_attention_heads={self.num_attention_heads}; change one, or set "
+                "model.head_dim for heads of a size of their own",
+            )
+        else:
+            _require(
+                self.head_dim > 0 and self.head_dim % 2 == 0,
+                f"model.head_dim={self.head_dim} must be a positive even number (RoPE rotates "
+                "pairs of channels), or null for hidden_size / num_attention_heads",
+            )
+        if isinstance(self.rope_scaling, dict):  # built in code rather than by the loader
+            self.rope_scaling = RopeScalingConfig(**self.rope_scaling)
         _require(
             self.num_attention_heads % self.num_query_groups == 0,
             f"model.num_attention_heads={self.num_attention_heads} is not divisible by "
@@ -91,6 +178,11 @@ class ModelConfig:
             )
             if self.moe_ffn_hidden_size is None:
                 self.moe_ffn_hidden_size = self.ffn_hidden_size
+
+    @property
+    def attention_head_dim(self) -> int:
+        """Channels per head: model.head_dim, or hidden_size / num_attention_heads."""
+        return self.head_dim or self.hidden_size // self.num_attention_heads
 
 
 @dataclass
@@ -292,9 +384,30 @@ class TrainConfig:
     lr: float = 3e-4
     min_lr: float = 3e-5
     warmup_iters: int = 10
-    decay_style: Literal["cosine", "linear", "constant"] = "cosine"
+    decay_style: Literal["cosine", "linear", "constant", "wsd", "inverse-square-root"] = "cosine"
+    """After ``warmup_iters`` of linear warmup (megatron-core's OptimizerParamScheduler):
+    ``cosine``/``linear`` decay to min_lr at ``decay_iters``; ``constant`` stays at lr;
+    ``wsd`` (warmup-stable-decay) stays at lr, then decays to min_lr over the last
+    ``wsd_decay_iters`` of ``decay_iters`` in the shape ``wsd_decay_style``;
+    ``inverse-square-root`` is lr x sqrt(warmup / step), floored at min_lr. All are
+    stepped in samples, as Megatron-LM does (this matters with ``rampup_batch_size``)."""
     decay_iters: Optional[int] = None
-    """Iterations over which lr decays to min_lr; default: train_iters."""
+    """Iterations over which lr decays to min_lr; default: train_iters. For ``wsd`` the
+    end of the decay phase: lengthen it (or train_iters) to extend the stable phase."""
+    wsd_decay_iters: Optional[int] = None
+    """``decay_style: wsd`` only: length of the decay phase, the last iterations before
+    ``decay_iters``. Setting ``decay_iters`` to (resumed step + wsd_decay_iters) on a resume
+    sends a run into its decay from that step."""
+    wsd_decay_style: Literal["linear", "cosine", "1-sqrt", "exponential"] = "1-sqrt"
+    """Shape of the WSD decay phase: ``1-sqrt`` is lr x (1 - sqrt(progress)) above min_lr."""
+    rampup_batch_size: Optional[list[int]] = None
+    """``[start, increment, samples]``, Megatron-LM's --rampup-batch-size: the global batch
+    starts at ``start`` and grows by ``increment`` (every samples / number of increments
+    samples consumed) up to ``global_batch_size``, reached after ``samples`` samples (through
+    megatron-core's microbatch calculator). Every batch size on the way must be divisible
+    by micro_batch_size x data-parallel size. Steps count iterations of any size; the lr
+    schedule runs in samples, its warmup and decay ending where the iterations named by
+    warmup_iters and decay_iters end."""
     weight_decay: float = 0.1
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
@@ -322,10 +435,13 @@ class TrainConfig:
     """Rollbacks allowed in a run (the count is kept in checkpoints) before it stops."""
     resume_hparams: Optional[Literal["config", "checkpoint"]] = None
     """When a resumed run's lr, min_lr, warmup_iters, decay_iters (train_iters when
-    unset), decay_style, weight_decay, adam_beta1/2 or adam_eps differ from its
-    checkpoint's: ``config`` follows the config from the resumed step on (Megatron-LM's
-    --override-opt-param-scheduler), ``checkpoint`` keeps the checkpoint's values
-    (--use-checkpoint-opt-param-scheduler). Unset: a difference is an error listing it."""
+    unset), decay_style, wsd_decay_iters, wsd_decay_style, weight_decay, adam_beta1/2 or
+    adam_eps differ from its checkpoint's: ``config`` follows the config from the resumed
+    step on (Megatron-LM's --override-opt-param-scheduler), ``checkpoint`` keeps the
+    checkpoint's values (--use-checkpoint-opt-param-scheduler). Unset: a difference is an
+    error listing it, except that a WSD run may change its length (decay_iters or
+    train_iters, wsd_decay_iters) where the lr at the resumed step stays the same: the
+    stable phase extended, or the decay started there."""
 
     def __post_init__(self) -> None:
         for name in ("micro_batch_size", "global_batch_size"):
@@ -356,6 +472,8 @@ class TrainConfig:
             f"train.global_batch_size={self.global_batch_size} is not divisible by "
             f"train.micro_batch_size={self.micro_batch_size}",
         )
+        self._check_schedule()
+        self._check_rampup()
         if self.hang_timeout_s is not None:
             _require(
                 0 < self.hang_timeout_s < float("inf"),
@@ -369,6 +487,74 @@ class TrainConfig:
                 f"train.{name}={getattr(self, name)} must be >= {minimum} (default: "
                 f"{TrainConfig.__dataclass_fields__[name].default})",
             )
+
+    def _check_schedule(self) -> None:
+        decay_iters = self.decay_iters if self.decay_iters is not None else self.train_iters
+        where = "train.decay_iters" if self.decay_iters is not None else "train.train_iters"
+        _require(
+            self.warmup_iters >= 0 and (self.decay_iters is None or self.decay_iters >= 1),
+            f"train.warmup_iters={self.warmup_iters} must be >= 0 and train.decay_iters="
+            f"{self.decay_iters} >= 1 (or null: train.train_iters)",
+        )
+        if self.decay_style != "wsd":
+            _require(
+                self.wsd_decay_iters is None,
+                f"train.wsd_decay_iters={self.wsd_decay_iters} is used only with "
+                f"train.decay_style=wsd (this config has {self.decay_style}); remove it or "
+                "set train.decay_style=wsd",
+            )
+        else:
+            _require(
+                self.wsd_decay_iters is not None and self.wsd_decay_iters >= 1,
+                f"train.decay_style=wsd needs train.wsd_decay_iters >= 1 (the length of the "
+                f"decay phase at the end of {where}={decay_iters}), got {self.wsd_decay_iters}",
+            )
+            stable = decay_iters - self.warmup_iters - self.wsd_decay_iters
+            _require(
+                stable >= 0,
+                f"train.wsd_decay_iters={self.wsd_decay_iters} does not fit: warmup_iters="
+                f"{self.warmup_iters} + wsd_decay_iters must be <= {where}={decay_iters}; "
+                f"lower train.wsd_decay_iters to at most {decay_iters - self.warmup_iters} or "
+                f"raise {where}",
+            )
+        if self.decay_style == "inverse-square-root":
+            _require(
+                self.warmup_iters >= 1,
+                "train.decay_style=inverse-square-root scales lr by sqrt(warmup / step) "
+                "after warmup; set train.warmup_iters >= 1",
+            )
+
+    def _check_rampup(self) -> None:
+        ramp = self.rampup_batch_size
+        if ramp is None:
+            return
+        form = "train.rampup_batch_size must be [start, increment, samples] (integers)"
+        _require(
+            isinstance(ramp, list)
+            and len(ramp) == 3
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in ramp),
+            f"{form}, got {ramp!r}",
+        )
+        start, increment, samples = ramp
+        _require(
+            start >= 1 and increment >= 1 and samples >= 0,
+            f"{form} with start >= 1, increment >= 1 and samples >= 0, got {ramp}",
+        )
+        _require(
+            start < self.global_batch_size and (self.global_batch_size - start) % increment == 0,
+            f"train.rampup_batch_size={ramp}: the global batch must grow from start={start} "
+            f"by increment={increment} to train.global_batch_size={self.global_batch_size}; "
+            "global_batch_size - start must be a positive multiple of the increment (or "
+            "remove train.rampup_batch_size for a fixed batch)",
+        )
+
+    def rampup_batch_sizes(self) -> list[int]:
+        """Every global batch size a run goes through (just global_batch_size without a
+        ramp-up)."""
+        if self.rampup_batch_size is None:
+            return [self.global_batch_size]
+        start, increment, _ = self.rampup_batch_size
+        return list(range(start, self.global_batch_size + 1, increment))
 
 
 @dataclass
@@ -518,9 +704,53 @@ class LoggingConfig:
     """Peak dense TFLOP/s of one GPU, the denominator of MFU; default: looked up from the
     GPU's name (BF16, or FP8 when precision.fp8 is set). Set it for GPUs not in
     megatron_forge/monitoring/flops.py."""
+    wandb_alerts: bool = True
+    """Send W&B alerts (``wandb.alert``: e-mail/Slack per the W&B user settings) for loss
+    and grad-norm spikes, persistent stragglers, stops on NaN/inf, hangs and preemptions."""
+    mlflow_experiment: Optional[str] = None
+    """MLflow experiment; MLflow logs (the same metrics and config as W&B) only when set.
+    Needs the ``mlflow`` extra (``pip install -e '.[mlflow]'``)."""
+    mlflow_tracking_uri: Optional[str] = None
+    """MLflow tracking server or store; default: $MLFLOW_TRACKING_URI, else a local file
+    store in <dir>/mlruns (no server; view it with ``mlflow ui --backend-store-uri``)."""
+    mlflow_run_name: Optional[str] = None
+    """Display name of the MLflow run; default: the last component of logging.dir."""
+    straggler_window: int = 5
+    """Per-rank step, data-wait and compute times are gathered every log interval; a rank
+    that is the slowest in this many log intervals in a row (by more than
+    straggler_threshold) gets a warning naming it and its host. 0: no gather."""
+    straggler_threshold: float = 0.2
+    """How much slower than the median rank (0.2: 20%) the slowest rank's busy time (data
+    wait + compute) must be to count towards a straggler warning."""
+    spike_window: int = 50
+    """Steps of loss and grad-norm history the spike detector compares each step with
+    (a running mean and standard deviation); 0 disables spike detection."""
+    spike_zscore: float = 4.0
+    """A loss or grad norm this many standard deviations above the window's mean is a
+    spike: flagged in metrics.jsonl, the console and (as an alert) W&B."""
 
     def __post_init__(self) -> None:
         _require(self.log_interval >= 1, "logging.log_interval must be >= 1")
+        for name in ("straggler_window", "spike_window"):
+            _require(
+                getattr(self, name) >= 0,
+                f"logging.{name}={getattr(self, name)} must be >= 0 (0 disables it)",
+            )
+        _require(
+            self.spike_window == 0 or self.spike_window >= 5,
+            f"logging.spike_window={self.spike_window} is too short for a mean and standard "
+            "deviation; use >= 5 steps (default 50), or 0 to disable spike detection",
+        )
+        _require(
+            0 < self.spike_zscore < float("inf"),
+            f"logging.spike_zscore={self.spike_zscore} must be a positive number of standard "
+            "deviations (default 4.0)",
+        )
+        _require(
+            0 <= self.straggler_threshold < float("inf"),
+            f"logging.straggler_threshold={self.straggler_threshold} must be a fraction >= 0 "
+            "(0.2: 20% slower than the median rank)",
+        )
         _require(
             all(isinstance(t, str) and t for t in self.wandb_tags),
             f"logging.wandb_tags={self.wandb_tags!r} must be a list of non-empty strings; "
@@ -535,6 +765,72 @@ class LoggingConfig:
             self.peak_tflops is None or self.peak_tflops > 0,
             f"logging.peak_tflops={self.peak_tflops} must be positive (a GPU's dense TFLOP/s, "
             "e.g. 989 for an H100 SXM in BF16), or null to look it up from the GPU name",
+        )
+
+
+@dataclass
+class ProfileConfig:
+    """torch.profiler windows (Chrome/Perfetto JSON traces per rank), NVTX ranges and
+    cudaProfilerStart/Stop for ``nsys --capture-range=cudaProfilerApi``. A running job is
+    profiled without a restart by ``touch <logging.dir>/profile`` (optionally holding a
+    number of steps); traces go to <logging.dir>/profiles/."""
+
+    start_step: Optional[int] = None
+    """First step of the profiling window (as numbered on the console); null: none."""
+    end_step: Optional[int] = None
+    """Last step of the window (inclusive); default: start_step."""
+    ranks: Optional[list[int]] = field(default_factory=lambda: [0])
+    """Global ranks that profile; null: every rank."""
+    record_shapes: bool = False
+    """Record the input shapes of each operator."""
+    with_stack: bool = False
+    """Record the Python stack of each operator (larger traces)."""
+    profile_memory: bool = False
+    """Record tensor allocations and frees in the trace."""
+    memory_snapshot: bool = False
+    """CUDA only: record the caching allocator's history over the window and write
+    memory_snapshot_*.pickle next to the trace (drop it on pytorch.org/memory_viz)."""
+    trigger_steps: int = 2
+    """Steps profiled when the trigger file is touched without a number in it."""
+    trigger_check_interval: int = 1
+    """Look for the trigger file every N steps (rank 0 stats it; one all-reduce of one
+    number tells the others); 0: no trigger file."""
+    torch_profiler: bool = True
+    """Record torch.profiler traces in the window; false leaves the window to Nsight
+    Systems alone (NVTX ranges and cudaProfilerStart/Stop), whose CUDA tracing can clash
+    with torch.profiler's."""
+
+    def __post_init__(self) -> None:
+        if self.start_step is not None:
+            _require(self.start_step >= 1, f"profile.start_step={self.start_step} must be >= 1")
+        if self.end_step is not None:
+            _require(
+                self.start_step is not None,
+                f"profile.end_step={self.end_step} needs profile.start_step; set both",
+            )
+            _require(
+                self.end_step >= self.start_step,
+                f"profile.end_step={self.end_step} is before profile.start_step="
+                f"{self.start_step}; the window is start_step..end_step, inclusive",
+            )
+        _require(
+            self.ranks is None
+            or (
+                isinstance(self.ranks, list)
+                and all(
+                    isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in self.ranks
+                )
+            ),
+            f"profile.ranks={self.ranks!r} must be a list of global ranks (e.g. [0, 8]) or "
+            "null for every rank",
+        )
+        _require(
+            self.trigger_steps >= 1, f"profile.trigger_steps={self.trigger_steps} must be >= 1"
+        )
+        _require(
+            self.trigger_check_interval >= 0,
+            f"profile.trigger_check_interval={self.trigger_check_interval} must be >= 0 (0: "
+            "no trigger file)",
         )
 
 
@@ -573,6 +869,75 @@ class LaunchConfig:
         return self.nodes * self.gpus_per_node
 
 
+TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def _token_ids(value: Any) -> list[Any]:
+    """The ids of a token id field (one id, or a list of them for eos_token_id)."""
+    if value is None:
+        return []
+    return list(value) if isinstance(value, list) else [value]
+
+
+@dataclass
+class ExportConfig:
+    """Generation metadata that ``forge-convert to-hf`` writes into config.json and
+    generation_config.json. ``forge-convert from-hf`` fills it from the source directory,
+    and every checkpoint stores it with the rest of the config, so it survives training
+    (instruct models stop on several ids: ``eos_token_id: [128001, 128008, 128009]``).
+    An unset id is taken from the tokenizer the export ships."""
+
+    bos_token_id: Optional[int] = None
+    eos_token_id: Optional[int | list[int]] = None
+    """One id, or the list of ids generation stops on."""
+    pad_token_id: Optional[int] = None
+    generation: Optional[dict[str, Any]] = None
+    """generation_config.json as written (do_sample, temperature, top_p, its own token
+    ids...); unset: one with the token ids above."""
+    converted_from: Optional[str] = None
+    """The Hugging Face directory from-hf read (informational)."""
+
+    def __post_init__(self) -> None:
+        for name in TOKEN_ID_FIELDS:
+            self._check_ids(f"export.{name}", getattr(self, name))
+        if self.generation is None:
+            return
+        _require(
+            isinstance(self.generation, dict) and all(isinstance(k, str) for k in self.generation),
+            f"export.generation={self.generation!r} must be a mapping of generation_config.json "
+            "fields (e.g. {do_sample: true, temperature: 0.6, top_p: 0.9}), or null",
+        )
+        for name in TOKEN_ID_FIELDS:
+            self._check_ids(f"export.generation.{name}", self.generation.get(name))
+
+    @staticmethod
+    def _check_ids(where: str, value: Any) -> None:
+        ids = _token_ids(value)
+        _require(
+            not isinstance(value, list) or (bool(value) and "eos" in where),
+            f"{where}={value!r}: only eos_token_id may be a list, and not an empty one",
+        )
+        _require(
+            all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids),
+            f"{where}={value!r} must be a token id (an integer >= 0)"
+            + (" or a list of them" if "eos" in where else "")
+            + ", or null",
+        )
+
+    def check_vocabulary(self, vocab_size: int, where: str = "model.vocab_size") -> None:
+        """ConfigError naming the field when a token id is outside [0, vocab_size)."""
+        fields = {f"export.{name}": getattr(self, name) for name in TOKEN_ID_FIELDS}
+        for name in TOKEN_ID_FIELDS:
+            fields[f"export.generation.{name}"] = (self.generation or {}).get(name)
+        for field_name, value in fields.items():
+            outside = [i for i in _token_ids(value) if i >= vocab_size]
+            _require(
+                not outside,
+                f"{field_name}={value!r} has {outside} outside the vocabulary ({where}="
+                f"{vocab_size}, ids 0..{vocab_size - 1}); set it to the model's own ids",
+            )
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -583,7 +948,9 @@ class Config:
     recompute: RecomputeConfig = field(default_factory=RecomputeConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
     def data_parallel_size(self, world_size: int) -> int:
         """Data-parallel degree implied by the world size (after validate())."""
@@ -655,6 +1022,25 @@ class Config:
             t.global_batch_size % (t.micro_batch_size * dp) == 0,
             f"train.global_batch_size={t.global_batch_size} is not divisible by "
             f"train.micro_batch_size x data-parallel size = {t.micro_batch_size} x {dp}",
+        )
+        for size in t.rampup_batch_sizes()[:-1]:
+            _require(
+                size % (t.micro_batch_size * dp) == 0,
+                f"train.rampup_batch_size={t.rampup_batch_size} passes through a global batch "
+                f"of {size}, which is not divisible by train.micro_batch_size x "
+                f"data-parallel size = {t.micro_batch_size} x {dp}; choose start and "
+                f"increment as multiples of {t.micro_batch_size * dp}",
+            )
+            _require(
+                not p.virtual_pipeline or (size // (t.micro_batch_size * dp)) % p.pipeline == 0,
+                f"train.rampup_batch_size={t.rampup_batch_size} passes through a global batch "
+                f"of {size}: {size // (t.micro_batch_size * dp)} microbatches, not a multiple "
+                f"of parallel.pipeline={p.pipeline} as interleaved pipelining needs",
+            )
+        _require(
+            t.rampup_batch_size is None or self.data.format != "webdataset",
+            "train.rampup_batch_size needs data.format indexed or mock: WebDataset shards are "
+            "streamed in batches of a fixed size; remove train.rampup_batch_size",
         )
         if p.context > 1:
             _require(
@@ -740,6 +1126,20 @@ class Config:
                 f"(CUDA available: {cuda_available}, Transformer Engine importable: "
                 f"{te_available}); set precision.fp8: null or install the [gpu] extra",
             )
+        if m.vocab_size is not None:
+            self.export.check_vocabulary(m.vocab_size)
+        pr = self.profile
+        outside = [r for r in pr.ranks or [] if r >= world_size]
+        _require(
+            not outside,
+            f"profile.ranks={pr.ranks} names ranks {outside} outside the world of {world_size} "
+            f"ranks (0..{world_size - 1})",
+        )
+        _require(
+            not pr.memory_snapshot or cuda_available,
+            "profile.memory_snapshot=true records the CUDA caching allocator, but CUDA is not "
+            "available; set profile.memory_snapshot: false",
+        )
         if not cuda_available:
             _require(
                 self.precision.params_dtype == "fp32",

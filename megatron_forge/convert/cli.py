@@ -3,7 +3,7 @@
     forge-convert to-hf CKPT_DIR OUT_DIR [--iteration N] [--dtype bf16|fp16|fp32] [--tokenizer PATH]
     forge-convert from-hf HF_DIR CKPT_DIR [--tp N --pp N --ep N]
     forge-convert to-trtllm CKPT_DIR OUT_DIR --tp N [--pp N]
-    forge-convert check-serving OUT_DIR
+    forge-convert check-serving OUT_DIR [--reference CKPT_DIR [--iteration N]] [--no-forward]
 
 (also ``python tools/convert_checkpoint.py ...``). Outputs are written to a temporary
 directory and renamed when complete; a non-empty OUT_DIR is refused without --overwrite.
@@ -72,8 +72,37 @@ def build_parser() -> argparse.ArgumentParser:
     trt.add_argument("--tp", type=int, required=True, help="engine tensor parallelism")
     trt.add_argument("--pp", type=int, default=1, help="engine pipeline parallelism")
 
-    check = sub.add_parser("check-serving", help="can vLLM / TensorRT-LLM serve OUT_DIR?")
+    check = sub.add_parser(
+        "check-serving",
+        help="can vLLM / TensorRT-LLM serve OUT_DIR, and does it compute what CKPT_DIR does?",
+        description="Checks a Hugging Face directory (or TensorRT-LLM checkpoint): the files "
+        "and shapes servers need, every tensor read for NaN/inf, then transformers loads it "
+        "on CPU and runs a short prompt; with --reference the logits are compared with the "
+        "checkpoint's own forward.",
+    )
     check.add_argument("out_dir")
+    check.add_argument(
+        "--reference",
+        metavar="CKPT_DIR",
+        help="megatron-forge checkpoint the export came from: its forward (one rank, fp32) "
+        "must give the same logits within the tolerance (both printed)",
+    )
+    check.add_argument("--iteration", type=int, help="of --reference; default: the latest")
+    check.add_argument(
+        "--atol",
+        type=float,
+        help="largest |logits difference| allowed against --reference; default 1e-4 x "
+        "max(1, max |logit|), 2e-2 x (bf16) or 5e-3 x (fp16) when the export rounded the "
+        "checkpoint's weights to that dtype",
+    )
+    check.add_argument(
+        "--no-forward",
+        action="store_true",
+        help="skip transformers' forward (and --reference): it loads the whole model in fp32 "
+        "into host memory, 4 bytes per parameter (~280 GB for 70B). The other checks, the "
+        "scan of every tensor included, still run",
+    )
+    check.add_argument("--prompt", help="text of the forward pass; default: a short sentence")
     return parser
 
 
@@ -92,8 +121,15 @@ def run(args: argparse.Namespace) -> int:
             args.overwrite,
             parse_size(args.max_shard_size),
         )
-        ok, report = check_serving(out)
+        # The pre-flight only: every tensor was checked finite as it was written, and the
+        # forward needs the whole model in memory (check-serving runs it).
+        ok, report = check_serving(out, scan=False, forward=False)
         print(report)
+        iteration = f" --iteration {args.iteration}" if args.iteration is not None else ""
+        print(
+            f"Run the forward pass and compare it with the checkpoint's: forge-convert "
+            f"check-serving {out} --reference {args.ckpt_dir}{iteration}"
+        )
         return 0 if ok else 1
     if args.command == "from-hf":
         from megatron_forge.convert.from_hf import import_hf
@@ -122,7 +158,14 @@ def run(args: argparse.Namespace) -> int:
         )
         print(f"wrote {out}. Build an engine with:\n  {build_command(out, args.tp, args.pp)}")
         return 0
-    ok, report = check_serving(args.out_dir)
+    ok, report = check_serving(
+        args.out_dir,
+        forward=not args.no_forward,
+        reference=args.reference,
+        iteration=args.iteration,
+        atol=args.atol,
+        prompt=args.prompt,
+    )
     print(report)
     return 0 if ok else 1
 

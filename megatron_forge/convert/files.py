@@ -400,13 +400,21 @@ class SafetensorsReader:
 
     def read(self, name: str) -> torch.Tensor:
         path, entry = self.entries[name]
-        begin, end = entry["data_offsets"]
-        buffer = bytearray(end - begin)
-        with open(path, "rb") as f:
-            f.seek(entry["data_start"] + begin)
-            if f.readinto(buffer) != len(buffer):
-                raise ConvertError(f"{path}: truncated data for {name}")
-        dtype = self.dtype(name)
-        if not buffer:
-            return torch.empty(self.shape(name), dtype=dtype)
-        return torch.frombuffer(buffer, dtype=dtype).reshape(self.shape(name))
+        return read_safetensors_tensor(path, name, entry)
+
+
+def read_safetensors_tensor(path: Path, name: str, entry: dict[str, Any]) -> torch.Tensor:
+    """Tensor ``name`` of the safetensors file ``path``, from its header ``entry`` (see
+    :func:`read_safetensors_header`), with plain file I/O."""
+    begin, end = entry["data_offsets"]
+    if entry["dtype"] not in TORCH_DTYPES:
+        raise ConvertError(f"{name}: safetensors dtype {entry['dtype']} is not supported")
+    dtype, shape = TORCH_DTYPES[entry["dtype"]], tuple(entry["shape"])
+    buffer = bytearray(end - begin)
+    with open(path, "rb") as f:
+        f.seek(entry["data_start"] + begin)
+        if f.readinto(buffer) != len(buffer):
+            raise ConvertError(f"{path}: truncated data for {name}")
+    if not buffer:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(buffer, dtype=dtype).reshape(shape)

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from megatron_forge.checkpointing import TRACKER, iteration_dir
 from megatron_forge.config import Config, ConfigError, ParallelConfig, from_dict
+from megatron_forge.config.schema import TOKEN_ID_FIELDS
 from megatron_forge.convert.files import (
     SafetensorsReader,
     check_output,
@@ -39,17 +40,40 @@ IGNORABLE_SUFFIXES = ("rotary_emb.inv_freq",)
 CANONICAL_KEY = {alias: key for key, aliases in KEY_ALIASES.items() for alias in aliases}
 
 
+def generation_metadata(hf_dir: Path, hf: dict[str, Any]) -> dict[str, Any]:
+    """The export section for ``hf_dir``: config.json's token ids (an eos_token_id list
+    stays a list) and generation_config.json as it is (less transformers_version, which
+    names the writer), checked against the vocabulary; to-hf writes them back."""
+    section: dict[str, Any] = {name: hf.get(name) for name in TOKEN_ID_FIELDS}
+    if (hf_dir / "generation_config.json").is_file():
+        generation = read_json(hf_dir / "generation_config.json")
+        generation.pop("transformers_version", None)
+        section["generation"] = generation
+    section["converted_from"] = str(hf_dir)
+    try:
+        export = from_dict({"export": section}).export
+        if isinstance(hf.get("vocab_size"), int):
+            export.check_vocabulary(hf["vocab_size"], "config.json vocab_size")
+    except ConfigError as err:
+        # Name the files the values came from, not the config keys they are stored under.
+        text = str(err).replace("export.generation.", "generation_config.json ")
+        raise ConvertError(f"{hf_dir}: {text.replace('export.', 'config.json ')}") from None
+    return section
+
+
 def config_from_hf(
     hf_dir: Path, hf: dict[str, Any], tp: int, pp: int, ep: int, dtype: torch.dtype
 ) -> tuple[Config, ModelFamily]:
-    """Our Config for the HF model (model section from config.json), validated for the
-    TP/PP/EP layout the user plans to train with."""
+    """Our Config for the HF model (model section from config.json, export section from
+    its token ids and generation_config.json), validated for the TP/PP/EP layout the user
+    plans to train with."""
     architectures = hf.get("architectures") or []
     if len(architectures) != 1:
         raise ConvertError(f"{hf_dir}/config.json must name one architecture, has {architectures}")
     family = family_for_architecture(architectures[0])
     has_tokenizer = any((hf_dir / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))
     dtype_name = next(name for name, d in DTYPES.items() if d == dtype)
+    export = generation_metadata(hf_dir, hf)
     try:
         cfg = from_dict(
             {
@@ -58,6 +82,7 @@ def config_from_hf(
                 "data": {"tokenizer": str(hf_dir) if has_tokenizer else None},
                 "precision": {"params_dtype": dtype_name},
                 "checkpoint": {"load_optimizer": False},
+                "export": export,
             }
         )
         # The layout's arithmetic only (world = TP x PP x EP, one data-parallel group per

@@ -13,7 +13,8 @@ from typing import Any, Optional
 import torch
 from tqdm import tqdm
 
-from megatron_forge.config import ModelConfig
+from megatron_forge.config import ConfigError, ExportConfig, ModelConfig
+from megatron_forge.config.schema import TOKEN_ID_FIELDS
 from megatron_forge.convert.files import (
     HF_DTYPE_NAMES,
     ShardedSafetensorsWriter,
@@ -100,19 +101,43 @@ def _describe(model: ModelConfig) -> str:
 
 
 def hf_config_json(
-    model: ModelConfig, vocab_size: int, tok: Tokenizer, dtype: torch.dtype
+    model: ModelConfig, vocab_size: int, ids: dict[str, Any], dtype: torch.dtype
 ) -> dict[str, Any]:
     config = get_family(model.family).hf_config(model, vocab_size)
-    config.update(token_ids(tok))
+    config.update(ids)
     config.update(torch_dtype=HF_DTYPE_NAMES[dtype], dtype=HF_DTYPE_NAMES[dtype])
     return config
 
 
-def token_ids(tok: Tokenizer) -> dict[str, Any]:
+def token_ids(tok: Tokenizer, export: ExportConfig) -> dict[str, Any]:
+    """bos/eos/pad ids of config.json: the checkpoint's export section where set (from-hf
+    keeps the source model's, an eos list included), else the tokenizer's."""
     ids: dict[str, Any] = {"bos_token_id": tok.bos, "eos_token_id": tok.eos}
-    if tok.pad >= 0:
+    if tok.pad is not None and tok.pad >= 0:
         ids["pad_token_id"] = tok.pad
+    for name in TOKEN_ID_FIELDS:
+        if getattr(export, name) is not None:
+            ids[name] = getattr(export, name)
     return ids
+
+
+def generation_config_json(export: ExportConfig, ids: dict[str, Any]) -> dict[str, Any]:
+    """The stored generation_config.json (sampling settings included) when the checkpoint
+    has one, else one that repeats config.json's token ids."""
+    if export.generation is not None:
+        return dict(export.generation)
+    return {"_from_model_config": True, **ids}
+
+
+def export_metadata(ckpt: MegatronCheckpoint, vocab_size: int) -> ExportConfig:
+    """The checkpoint's export section, its token ids checked against the export's
+    vocabulary."""
+    export = ckpt.export
+    try:
+        export.check_vocabulary(vocab_size, "the export's vocab_size")
+    except ConfigError as err:
+        raise ConvertError(f"{ckpt.path}: {err}") from None
+    return export
 
 
 def iter_hf_tensors(ckpt: MegatronCheckpoint, rules: list[Rule], dtype: torch.dtype):
@@ -124,6 +149,18 @@ def iter_hf_tensors(ckpt: MegatronCheckpoint, rules: list[Rule], dtype: torch.dt
         del tensors
         for name in rule.hf:
             yield name, converted.pop(name).to(dtype)
+
+
+def check_finite(ckpt: MegatronCheckpoint, name: str, tensor: torch.Tensor) -> None:
+    """Refuse to export a NaN or inf (a diverged or damaged checkpoint, or an overflow of
+    --dtype fp16): no server could use the result."""
+    if not bool(torch.isfinite(tensor).all()):
+        nan, inf = int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum())
+        raise ConvertError(
+            f"{ckpt.path}: {name} would hold {nan} NaN and {inf} inf values of "
+            f"{tensor.numel()} (in the checkpoint, or out of --dtype's range); export an "
+            "earlier iteration with --iteration N, or a wider --dtype"
+        )
 
 
 def export_hf(
@@ -142,6 +179,8 @@ def export_hf(
     tok = open_tokenizer(ckpt, tokenizer)
     vocab_size = export_vocab_size(model, tok)
     rules = checked_rules(ckpt, vocab_size)
+    export = export_metadata(ckpt, vocab_size)
+    ids = token_ids(tok, export)
     out_dtype = DTYPES[dtype] if dtype else ckpt.dtype(EMBEDDING)
     specs = [TensorSpec(n, s, out_dtype) for r in rules for n, s in r.hf.items()]
     with staged_output(out_dir, overwrite) as staging:
@@ -149,13 +188,12 @@ def export_hf(
         total = sum(s.num_bytes for s in specs)
         with tqdm(total=total, desc="to-hf", unit="B", unit_scale=True, file=sys.stderr) as bar:
             for name, tensor in iter_hf_tensors(ckpt, rules, out_dtype):
+                check_finite(ckpt, name, tensor)
                 writer.write(name, tensor)
                 bar.update(tensor.numel() * tensor.element_size())
                 del tensor
         writer.close()
-        write_json(staging / "config.json", hf_config_json(model, vocab_size, tok, out_dtype))
-        write_json(
-            staging / "generation_config.json", {"_from_model_config": True, **token_ids(tok)}
-        )
+        write_json(staging / "config.json", hf_config_json(model, vocab_size, ids, out_dtype))
+        write_json(staging / "generation_config.json", generation_config_json(export, ids))
         tok.save_pretrained_files(staging)
     return Path(out_dir)

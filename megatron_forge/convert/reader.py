@@ -34,7 +34,7 @@ from megatron_forge.checkpointing.files import (
     read_errors,
     verify_iteration,
 )
-from megatron_forge.config import ConfigError, ModelConfig, from_dict
+from megatron_forge.config import ConfigError, ExportConfig, ModelConfig, from_dict
 from megatron_forge.errors import CheckpointError, ConvertError
 from megatron_forge.models import check_model_config
 
@@ -171,6 +171,18 @@ class MegatronCheckpoint:
 
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self.tensors[self.resolve(key)].size)
+
+    @property
+    def export(self) -> ExportConfig:
+        """The stored export section (generation metadata); empty for a checkpoint saved
+        before it existed."""
+        try:
+            return from_dict({"export": self.raw_config.get("export") or {}}).export
+        except ConfigError as err:
+            raise ConvertError(
+                f"{self.path}: stored export metadata is invalid: {err}; fix it with "
+                "export.* overrides in a training run that saves a new checkpoint"
+            ) from None
 
     @property
     def tokenizer_path(self) -> Optional[str]:

@@ -13,6 +13,7 @@ pipeline stage:
 - ``mlp.fc`` = gate, ``mlp.gate`` = up, split along their output axis;
 - MoE: ``mlp.router`` (fp32, whole), ``mlp.fc`` = experts stacked, each [up_r; gate_r]
   (w3 then w1), ``mlp.proj`` = experts' w2 stacked, each split along its input axis;
+- Qwen3's QK-norm: ``attention.q_layernorm`` / ``k_layernorm``, whole on every rank;
 - ``vocab_embedding`` whole on the first stage; ``lm_head`` padded to a multiple of TP
   and split by rows, and ``ln_f``, on the last.
 """
@@ -55,7 +56,14 @@ DENSE = {
     "mlp.gate_proj.weight": ("mlp.fc.weight", 0),
     "mlp.up_proj.weight": ("mlp.gate.weight", 0),
     "mlp.down_proj.weight": ("mlp.proj.weight", 1),
+    # Qwen3's QK-norm ([head_size], every rank), read by TensorRT-LLM's Attention when the
+    # config's qwen_type is qwen3.
+    "self_attn.q_norm.weight": ("attention.q_layernorm.weight", None),
+    "self_attn.k_norm.weight": ("attention.k_layernorm.weight", None),
 }
+# model.rope_scaling types TensorRT-LLM's Attention applies (RotaryScalingType); it reads
+# the type from "type" (or "rope_type") and the factors under their Hugging Face names.
+TRT_ROPE_SCALING = ("llama3",)
 # (rank, TRT-LLM name, tensor, row of a stacked tensor or None)
 Placement = tuple[int, str, torch.Tensor, Optional[int]]
 
@@ -188,7 +196,7 @@ def trtllm_config(
         "norm_epsilon": model.norm_epsilon,
         "position_embedding_type": "rope_gpt_neox",
         "rotary_base": model.rotary_base,
-        "rotary_scaling": None,
+        "rotary_scaling": model.rope_scaling.to_dict() if model.rope_scaling else None,
         "use_parallel_embedding": False,
         "embedding_sharding_dim": 0,
         "share_embedding_table": False,
@@ -215,6 +223,13 @@ def check_trt_family(model: ModelConfig) -> None:
         raise ConvertError(
             f"to-trtllm does not support model.family={model.family} (supported: {supported}); "
             "export with to-hf and serve that directory with trtllm-serve --backend pytorch"
+        )
+    scaling = model.rope_scaling
+    if scaling is not None and scaling.type not in TRT_ROPE_SCALING:
+        raise ConvertError(
+            f"to-trtllm does not support model.rope_scaling.type={scaling.type} (TensorRT-LLM "
+            f"checkpoints support: {list(TRT_ROPE_SCALING)}); export with to-hf and serve that "
+            "directory with trtllm-serve --backend pytorch"
         )
 
 

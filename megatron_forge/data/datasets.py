@@ -4,9 +4,10 @@
 BlendedMegatronDatasetBuilder (which caches its sample index in ``data.cache_dir``), from
 ``data.blend`` + ``data.split`` or from ``data.blend_per_split``. Sample order is a function
 of the seed alone. Each global batch is the contiguous range of samples
-``[step * global_batch, (step + 1) * global_batch)``, cut into equal parts per data-parallel
-rank and then into microbatches, so the same step sees the same samples under every
-parallel layout and a resumed run continues at ``consumed_samples``.
+``[consumed, consumed + global_batch)``, cut into equal parts per data-parallel rank and
+then into microbatches, so the same step sees the same samples under every parallel layout
+and a resumed run continues at ``consumed_samples``. With ``train.rampup_batch_size`` the
+global batch grows (:class:`BatchSizes`); the samples keep their order.
 
 ``data.format: webdataset``: tar shards streamed by :mod:`megatron_forge.data.webdataset`,
 whose order is a function of the seed, the data-parallel rank and size and the number of
@@ -25,7 +26,7 @@ from typing import Any, Optional
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from megatron_forge.config import Config, ConfigError
+from megatron_forge.config import Config, ConfigError, TrainConfig
 from megatron_forge.data.webdataset import (
     WebDatasetSplit,
     build_webdatasets,
@@ -35,8 +36,73 @@ from megatron_forge.data.webdataset import (
 from megatron_forge.errors import DataError
 
 
+class BatchSizes:
+    """The global batch size of every step, a function of the samples consumed before it:
+    ``train.global_batch_size``, or with ``train.rampup_batch_size`` the size megatron-core's
+    ``RampupBatchsizeNumMicroBatchesCalculator`` gives (Megatron-LM's --rampup-batch-size).
+    Batch sizes do not depend on the data-parallel size (the config's validation checks that
+    each divides by micro batch x data-parallel size), so one schedule serves every rank."""
+
+    def __init__(self, train: TrainConfig) -> None:
+        from megatron.core.num_microbatches_calculator import (
+            RampupBatchsizeNumMicroBatchesCalculator,
+        )
+
+        self.global_batch_size = train.global_batch_size
+        self.rampup = train.rampup_batch_size
+        self._calculator = None
+        self._ramp_consumed = [0]
+        """Samples consumed before each step of the ramp-up (where batches still grow)."""
+        if self.rampup is None:
+            return
+        start, increment, samples = self.rampup
+        self._calculator = RampupBatchsizeNumMicroBatchesCalculator(
+            global_batch_size=train.global_batch_size,
+            micro_batch_size=1,  # sizes only; divisibility is the config's check
+            data_parallel_size=1,
+            decrease_batch_size_if_needed=False,
+            rank=0,
+            start_global_batch_size=start,
+            batch_size_increment=increment,
+            ramup_samples=samples,
+        )
+        while self._ramp_consumed[-1] <= samples:
+            consumed = self._ramp_consumed[-1]
+            self._ramp_consumed.append(consumed + self.at(consumed))
+
+    def at(self, consumed_samples: int) -> int:
+        """The global batch of the step that starts after ``consumed_samples``."""
+        if self._calculator is None:
+            return self.global_batch_size
+        self._calculator.update(consumed_samples, consistency_check=False)
+        return self._calculator.get_current_global_batch_size()
+
+    def samples_at_step(self, step: int) -> int:
+        """Samples consumed by the end of ``step`` steps (the closed form of the ramp)."""
+        ramp_steps = len(self._ramp_consumed) - 1
+        if step <= ramp_steps:
+            return self._ramp_consumed[step]
+        return self._ramp_consumed[-1] + (step - ramp_steps) * self.global_batch_size
+
+    def step_of(self, consumed_samples: int) -> Optional[int]:
+        """The number of steps that consume exactly ``consumed_samples`` (None: none do, the
+        count falls inside a step)."""
+        ramp_end = self._ramp_consumed[-1]
+        if consumed_samples < ramp_end:
+            try:
+                return self._ramp_consumed.index(consumed_samples)
+            except ValueError:
+                return None
+        steps, rest = divmod(consumed_samples - ramp_end, self.global_batch_size)
+        return None if rest else len(self._ramp_consumed) - 1 + steps
+
+
 class MicroBatchSampler(Sampler[list[int]]):
-    """Yields this data-parallel rank's microbatches, in step order, from a sample offset."""
+    """Yields this data-parallel rank's microbatches, in step order, from a sample offset.
+
+    A step's global batch is the next ``batch_sizes.at(consumed)`` samples (all of them
+    ``global_batch_size`` without a ramp-up), so the order of the samples is the same
+    whatever the batch sizes: a ramp-up changes only where steps begin."""
 
     def __init__(
         self,
@@ -47,28 +113,45 @@ class MicroBatchSampler(Sampler[list[int]]):
         dp_rank: int,
         dp_size: int,
         num_steps: Optional[int] = None,
+        batch_sizes: Optional[BatchSizes] = None,
     ) -> None:
-        if start_sample % global_batch_size:
-            raise ValueError(
-                f"start_sample={start_sample} is not a multiple of the global batch size "
-                f"{global_batch_size}"
+        if batch_sizes is None:
+            if start_sample % global_batch_size:
+                raise ValueError(
+                    f"start_sample={start_sample} is not a multiple of the global batch size "
+                    f"{global_batch_size}"
+                )
+        elif batch_sizes.step_of(start_sample) is None:
+            raise ConfigError(
+                f"the run resumes at consumed sample {start_sample}, which falls inside a step "
+                f"of train.rampup_batch_size={batch_sizes.rampup} up to "
+                f"train.global_batch_size={batch_sizes.global_batch_size}: the checkpoint was "
+                "written with another ramp-up or global batch size; resume with those it "
+                "was written with"
             )
         self.num_samples = num_samples
         self.start_sample = start_sample
         self.global_batch_size = global_batch_size
         self.micro_batch_size = micro_batch_size
-        self.per_rank = global_batch_size // dp_size
         self.dp_rank = dp_rank
+        self.dp_size = dp_size
         self.num_steps = num_steps
+        self.batch_sizes = batch_sizes
 
     def __iter__(self) -> Iterator[list[int]]:
         steps = itertools.count() if self.num_steps is None else range(self.num_steps)
-        for step in steps:
-            first = self.start_sample + step * self.global_batch_size + self.dp_rank * self.per_rank
-            for offset in range(0, self.per_rank, self.micro_batch_size):
+        consumed = self.start_sample
+        for _ in steps:
+            size = self.global_batch_size
+            if self.batch_sizes is not None:
+                size = self.batch_sizes.at(consumed)
+            per_rank = size // self.dp_size
+            first = consumed + self.dp_rank * per_rank
+            for offset in range(0, per_rank, self.micro_batch_size):
                 indices = range(first + offset, first + offset + self.micro_batch_size)
                 # Wrap rather than fail if a short validation split is read repeatedly.
                 yield [i % self.num_samples for i in indices]
+            consumed += size
 
 
 def load_run_tokenizer(cfg: Config) -> Any:
@@ -176,7 +259,7 @@ def _split_sizes(cfg: Config) -> list[int]:
     t = cfg.train
     num_evals = t.train_iters // t.eval_interval + 1 if t.eval_interval else 0
     return [
-        max(t.train_iters, 1) * t.global_batch_size,
+        BatchSizes(t).samples_at_step(max(t.train_iters, 1)),
         num_evals * t.eval_iters * t.global_batch_size,
         0,
     ]
@@ -250,8 +333,10 @@ def microbatch_iterator(
     dp_size: int,
     start_sample: int = 0,
     num_steps: Optional[int] = None,
+    batch_sizes: Optional[BatchSizes] = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """An iterator of this rank's microbatches (dicts of tokens/labels/loss_mask/...)."""
+    """An iterator of this rank's microbatches (dicts of tokens/labels/loss_mask/...), in
+    global batches of ``batch_sizes`` (None: train.global_batch_size)."""
     if isinstance(dataset, WebDatasetSplit):
         batches = webdataset_microbatches(dataset, cfg, dp_rank, dp_size, start_sample, num_steps)
         return _log_sample_ids(batches, cfg, dataset.split)
@@ -263,6 +348,7 @@ def microbatch_iterator(
         dp_rank,
         dp_size,
         num_steps,
+        batch_sizes,
     )
     loader = DataLoader(
         dataset,

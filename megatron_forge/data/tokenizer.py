@@ -27,12 +27,17 @@ Conventions (the same for both backends):
 - `pad` is the tokenizer's pad token, else -1: megatron-core's own "no pad" value, an id that
   never occurs in data, so no real token is masked out of the loss by mistake.
 
+Special tokens typed in text (`<s>`, `</s>`, `<|endoftext|>`) are plain text for both
+backends, in training and in the Hugging Face export (`split_special_tokens`): a document
+cannot inject a control token.
+
 Bulk encoding (`tokenize_flat`, what tools/preprocess_data.py uses) returns all documents' ids
-back to back in one numpy array. After `use_fast_backend()`, SentencePiece BPE models with byte
-fallback (what tokenizers/train_sentencepiece.py trains) are encoded there by the optional
-`gigatoken` package (Rust, about 10x sentencepiece's own speed), with the same ids: a probe
-set is compared at load and documents where the two are known to differ are left to
-sentencepiece (see `GigatokenSentencePiece`).
+back to back in one numpy array. After `use_fast_backend()`, it runs on the optional
+`gigatoken` package (Rust, single-threaded per process) with the same ids, for SentencePiece
+BPE models with byte fallback and any normalization (`gigatoken_for_sentencepiece`) and for
+Hugging Face tokenizer.json BPE tokenizers (`gigatoken_for_tokenizer_json`): a probe set is
+compared at load, and documents where the two are known to differ are left to the
+tokenizer's own library (see `GigatokenEncoder`).
 """
 
 from __future__ import annotations
@@ -294,7 +299,7 @@ class SentencePieceTokenizer(Tokenizer):
             "unk_token": self._sp.unk_id(),
         }
         self._ids = {name: i for name, i in ids.items() if i >= 0}  # spm: -1 means disabled
-        self._fast: GigatokenSentencePiece | None = None
+        self._fast: GigatokenEncoder | None = None
 
     def tokenize(self, text: str) -> list[int]:
         return self._sp.encode(text)
@@ -310,12 +315,12 @@ class SentencePieceTokenizer(Tokenizer):
 
     @property
     def takes_arrow(self) -> bool:
-        return self._fast is not None
+        return self._fast is not None and self._fast.takes_arrow
 
     def use_fast_backend(self) -> str | None:
         if self._fast is None:
             try:
-                self._fast = GigatokenSentencePiece(self.model_file, self._sp)
+                self._fast = gigatoken_for_sentencepiece(self.model_file, self._sp)
             except FastBackendUnavailable as e:
                 self.fast_backend_error = str(e)
                 return None
@@ -345,7 +350,9 @@ class SentencePieceTokenizer(Tokenizer):
         transformers loads tokenizer.json as-is (no sentencepiece needed) and encodes like
         `tokenize`. No BOS is added: the config sets add_bos_token false and the converted
         tokenizer has no post-processor, because the model was trained on documents without
-        BOS, so prompts at serving time are encoded the same way.
+        BOS, so prompts at serving time are encoded the same way. `split_special_tokens`
+        makes transformers read control tokens typed in text (`<s>`, `</s>`) as plain text,
+        as sentencepiece did in training.
         """
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -359,13 +366,20 @@ class SentencePieceTokenizer(Tokenizer):
             "add_bos_token": False,
             "add_eos_token": False,
             "clean_up_tokenization_spaces": False,
+            "split_special_tokens": True,
         }
         write_json(out / "tokenizer_config.json", config)
         return [out / "tokenizer.json", out / "tokenizer.model", out / "tokenizer_config.json"]
 
 
 class HFTokenizer(Tokenizer):
-    """A Hugging Face `tokenizer.json` (tokenizers library), with its tokenizer_config.json."""
+    """A Hugging Face `tokenizer.json` (tokenizers library), with its tokenizer_config.json.
+
+    Special tokens typed in text (`<|endoftext|>`, `<|im_start|>`) are encoded as the plain
+    text they are (`encode_special_tokens`), like sentencepiece does with `<s>`: a document
+    cannot inject an end-of-document or chat marker into the training data. Added tokens
+    that are not special (user-defined symbols) are still matched in text.
+    """
 
     library = "huggingface"
 
@@ -373,6 +387,8 @@ class HFTokenizer(Tokenizer):
         super().__init__(path)
         self.tokenizer_file = tokenizer_file
         self._tok = HFTokenizerModel.from_file(str(tokenizer_file))
+        self._tok.encode_special_tokens = True
+        self._fast: GigatokenEncoder | None = None
         config_file = tokenizer_file.parent / "tokenizer_config.json"
         self._config = read_json(config_file) if config_file.is_file() else None
         self._ids = self._find_special_ids()
@@ -401,6 +417,28 @@ class HFTokenizer(Tokenizer):
         encodings = self._tok.encode_batch_fast(texts, add_special_tokens=False)
         return [encoding.ids for encoding in encodings]
 
+    def tokenize_flat(self, texts: Any) -> tuple[np.ndarray, np.ndarray]:
+        if self._fast is None:
+            return super().tokenize_flat(texts)
+        return self._fast.encode_flat(texts)
+
+    @property
+    def takes_arrow(self) -> bool:
+        return self._fast is not None and self._fast.takes_arrow
+
+    def use_fast_backend(self) -> str | None:
+        if self._fast is None:
+            try:
+                self._fast = gigatoken_for_tokenizer_json(self._tok)
+            except FastBackendUnavailable as e:
+                self.fast_backend_error = str(e)
+                return None
+        return self.batch_backend
+
+    @property
+    def batch_backend(self) -> str:
+        return self.library if self._fast is None else "gigatoken"
+
     def detokenize(self, ids: Any) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
@@ -419,11 +457,14 @@ class HFTokenizer(Tokenizer):
 
         A copied tokenizer_config.json / tokenizer.json keeps its own BOS rule (Llama 3's
         post-processor adds <|begin_of_text|>, for example), while `tokenize` adds nothing.
+        The config gets `split_special_tokens: true`, so transformers encodes special tokens
+        typed in text as plain text, as training did (the post-processor still adds BOS/EOS).
         """
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         src = self.tokenizer_file.parent
         names = ["tokenizer.json"] if Path(self.path).is_file() else list(HF_TOKENIZER_FILES)
+        names = [n for n in names if n != "tokenizer_config.json"]
         written = []
         for name in names:
             source = self.tokenizer_file if name == "tokenizer.json" else src / name
@@ -432,9 +473,15 @@ class HFTokenizer(Tokenizer):
                 written.append(out / name)
         if self._config is None:  # a bare tokenizer.json: say what our loader guessed
             tokens = {k: self.id_to_token(v) for k, v in self._ids.items()}
-            config = {"tokenizer_class": "PreTrainedTokenizerFast", **tokens}
-            write_json(out / "tokenizer_config.json", {**config, "add_bos_token": False})
-            written.append(out / "tokenizer_config.json")
+            config = {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                **tokens,
+                "add_bos_token": False,
+            }
+        else:
+            config = dict(self._config)
+        write_json(out / "tokenizer_config.json", {**config, "split_special_tokens": True})
+        written.append(out / "tokenizer_config.json")
         return written
 
 
@@ -442,9 +489,10 @@ class FastBackendUnavailable(RuntimeError):
     """No faster library encodes this tokenizer exactly; the message says why."""
 
 
-# Texts every fast backend must encode exactly like sentencepiece before it is used: leading,
-# repeated and trailing whitespace, tabs, newlines, digits, punctuation runs, characters that
-# only byte fallback covers, and code indentation.
+# Texts every fast backend must encode exactly like the tokenizer's own library before it is
+# used: leading, repeated and trailing whitespace, tabs, newlines, digits, punctuation runs,
+# contractions, characters that only byte fallback covers, code indentation, and what a
+# normalizer changes (NFKC compatibility forms, combining marks, control characters).
 FAST_BACKEND_PROBES = (
     "",
     " ",
@@ -453,60 +501,82 @@ FAST_BACKEND_PROBES = (
     "\tTabs\tand\nnew\n\nlines\r\n",
     "def f(x):\n    return x ** 2  # 12345 67890, 3.14159",
     "***  ---  ===  ...  !!!  ???  <<>>  {[()]}  @#$%^&",
+    "it's we've they'll I'm you'd don't 'quoted' \"double\" 1,234,567.89 2024-01-31",
     "naïve café, Ærøskøbing, straße, İstanbul, ΑΒΓ αβγ, Привет",
     "汉字かなカナ한국어 ひらがな",
     "emoji 😀👍🏽 and 𝔘𝔫𝔦𝔠𝔬𝔡𝔢, zero\u200bwidth, nbsp\u00a0here",
     "\x00 control \x7f chars \u2028 separators",
+    "ﬁ ﬂ ① ² ½ ｆｕｌｌｗｉｄｔｈ　ideographic space ㍿ Ⅻ ℌ ™ …",
+    "e\u0301 a\u0308 e\u0301\u0302 n\u0303o\u0308 \u0301lone combining \u1100\u1161\u11a8",
+    "\x01\x02\x08\x0b\x0c\x0e\x1f\x7f\x85\u200d\u2060\ufeff mixed\u3000\u3000spaces",
+    " \t \n leading whitespace and a trailing tab\t",
 )
 
 
-class GigatokenSentencePiece:
-    """A SentencePiece BPE model with byte fallback encoded by gigatoken, with sentencepiece's
-    ids.
+class GigatokenEncoder:
+    """Batch encoding in gigatoken (Rust, optional: `pip install gigatoken`) of a tokenizer it
+    reproduces exactly, checked at load on probe texts against the tokenizer's own library.
 
-    gigatoken (optional: `pip install gigatoken`) loads the model as the tokenizer.json that
-    `spm_to_hf_tokenizer` writes for it, less the control and unknown pieces as added
-    tokens: sentencepiece never matches `<s>` or `<unk>` typed in text, and neither does
-    gigatoken then. User-defined pieces stay added tokens (sentencepiece matches those in
-    text), but gigatoken restarts the dummy-prefix space after one, so documents containing
-    one are encoded by sentencepiece. A probe set (FAST_BACKEND_PROBES, plus every control
-    and unknown piece typed literally) is compared at load; any difference refuses gigatoken
-    for this model.
+    `config` is the tokenizer.json gigatoken loads; `exact(text)` is the reference encoding.
+    Documents that contain one of `literals` (added tokens that are matched in text) are
+    encoded by `exact`, because gigatoken may treat the text around them differently.
+    `normalize`, when given, turns a list of texts into what `config` encodes (the
+    tokenizer's own normalizer, run in its library); without it texts may be pyarrow
+    string arrays, read without Python strings.
 
-    Memory: gigatoken's single-thread batch encode keeps no pretoken cache across calls
-    (measured: RSS flat over 3M distinct words), so it is bounded by the batch.
+    Memory: gigatoken's byte-level BPE keeps a cache of every distinct pretoken (word) it has
+    encoded, across calls (measured: RSS +530 MB over 8M distinct words), so when this
+    process has grown by more than `max_growth_bytes` since gigatoken was loaded, it is
+    loaded again from its configuration (0.2 s for a 32k vocabulary), which drops that cache:
+    memory stays bounded whatever the corpus.
     """
 
-    def __init__(self, model_file: Path, sp: spm.SentencePieceProcessor) -> None:
+    max_growth_bytes = 512 << 20
+
+    def __init__(
+        self,
+        config: dict[str, Any],
+        exact: Any,
+        literals: tuple[str, ...] = (),
+        probes: tuple[str, ...] = FAST_BACKEND_PROBES,
+        normalize: Any = None,
+    ) -> None:
         try:
             import awkward  # gigatoken's result type
             import gigatoken
         except ImportError:
             raise FastBackendUnavailable("gigatoken is not installed") from None
-        self._ak, self._sp = awkward, sp
-        pieces = spm_piece_types(model_file)
-        self.literals = tuple(p for p, kind in pieces if kind == SPM_USER_DEFINED)
-        not_text = {p for p, kind in pieces if kind in (SPM_CONTROL, SPM_UNKNOWN)}
+        self._ak, self._exact, self._normalize = awkward, exact, normalize
+        self.literals = tuple(literals)
+        self._config = json.dumps(config)
+        self._load = gigatoken.Tokenizer.from_json
         try:
-            if not _spm_is_bpe_with_byte_fallback(model_file):
-                raise FastBackendUnavailable("gigatoken encodes BPE models with byte fallback only")
-            config = json.loads(spm_to_hf_tokenizer(model_file).to_str())
-        except TokenizerLoadError as e:
-            raise FastBackendUnavailable(str(e)) from None
-        config["added_tokens"] = [t for t in config["added_tokens"] if t["content"] not in not_text]
-        try:
-            self._tok = gigatoken.Tokenizer.from_json(json.dumps(config)).backend
+            self._tok = self._load(self._config).backend
         except Exception as e:  # gigatoken raises ValueError and others for what it lacks
             raise FastBackendUnavailable(f"gigatoken cannot load it ({e})") from None
-        probes = [*FAST_BACKEND_PROBES, *(f"a {p} b {p}" for p in sorted(not_text))]
+        self.loads, self._base_rss = 1, _rss_bytes()
+        probes = [p for p in probes if not any(literal in p for literal in self.literals)]
         flat, lengths = self._encode(probes)
-        for text, ids in zip(probes, np.split(flat, np.cumsum(lengths)[:-1])):
-            if ids.tolist() != sp.encode(text):
+        for text, ids in zip(probes, np.split(flat, np.cumsum(lengths)[:-1]), strict=True):
+            if ids.tolist() != list(exact(text)):
                 raise FastBackendUnavailable(f"gigatoken encodes {text!r} differently")
 
+    @property
+    def takes_arrow(self) -> bool:
+        return self._normalize is None
+
     def _encode(self, texts: Any) -> tuple[np.ndarray, np.ndarray]:
+        if _rss_bytes() - self._base_rss > self.max_growth_bytes:
+            self._tok = None  # drops gigatoken's pretoken cache before loading a new one
+            self._tok = self._load(self._config).backend
+            self.loads, self._base_rss = self.loads + 1, _rss_bytes()
         if not isinstance(texts, list):
-            texts = self._awkward_strings(texts)
+            if self._normalize is not None:
+                texts = texts.to_pylist()
+            else:
+                texts = self._awkward_strings(texts)
+        if self._normalize is not None and texts:
+            texts = self._normalize(texts)
         # parallel=False: one thread; preprocessing parallelizes with processes.
         rows = self._tok.encode_batch(texts, parallel=False)
         flat = self._ak.flatten(rows).to_numpy()
@@ -544,16 +614,16 @@ class GigatokenSentencePiece:
             flat, lengths = self._encode(pc.if_else(mask, "", texts))
         starts = np.concatenate([[0], np.cumsum(lengths)])
         pieces, done = [], 0
-        for i in sorted(slow):  # their rows are empty: insert sentencepiece's ids there
+        for i in sorted(slow):  # their rows are empty: insert the exact ids there
             text = texts[i] if isinstance(texts, list) else texts[i].as_py()
-            ids = np.asarray(self._sp.encode(text), dtype=flat.dtype)
+            ids = np.asarray(self._exact(text), dtype=flat.dtype)
             pieces += [flat[done : starts[i]], ids]
             lengths[i], done = len(ids), starts[i]
         pieces.append(flat[done:])
         return np.concatenate(pieces), lengths
 
     def _documents_with_literals(self, texts: Any) -> set[int]:
-        """Indices of the texts that contain a user-defined piece."""
+        """Indices of the texts that contain one of `literals`."""
         if not self.literals or not len(texts):
             return set()
         if not isinstance(texts, list):
@@ -576,22 +646,97 @@ class GigatokenSentencePiece:
         return set(np.searchsorted(ends, hits, side="right").tolist())
 
 
-def _spm_is_bpe_with_byte_fallback(model_file: Path) -> bool:
+def _rss_bytes() -> int:
+    """This process's resident memory."""
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def gigatoken_for_sentencepiece(
+    model_file: Path, sp: spm.SentencePieceProcessor
+) -> GigatokenEncoder:
+    """gigatoken for a SentencePiece BPE model with byte fallback, with sentencepiece's ids.
+
+    Models without normalization (tokenizers/train_sentencepiece.py) are encoded wholly in
+    Rust from Arrow arrays, with the tokenizer.json `spm_to_hf_tokenizer` writes. Any other
+    normalization (`nmt_nfkc`, SentencePiece's default and most published models', with its
+    precompiled charsmap and extra-whitespace removal) is run by sentencepiece itself
+    (`normalize`, exact by construction, about 3x faster than its encode), and gigatoken
+    encodes the normalized text with the same vocabulary and merges and no normalizer.
+
+    Control and unknown pieces are left out of gigatoken's added tokens: sentencepiece never
+    matches `<s>` or `<unk>` typed in text, and neither does gigatoken then. User-defined
+    pieces stay added tokens (sentencepiece matches those in text), but gigatoken restarts
+    the dummy-prefix space after one, so documents containing one are encoded by
+    sentencepiece. The probe texts, plus every control and unknown piece typed literally,
+    are compared at load; any difference refuses gigatoken for this model.
+    """
+    proto = spm_proto(model_file)
+    from sentencepiece import sentencepiece_model_pb2
+
+    bpe = proto.trainer_spec.model_type == sentencepiece_model_pb2.TrainerSpec.BPE
+    if not (bpe and proto.trainer_spec.byte_fallback):
+        raise FastBackendUnavailable(
+            "gigatoken encodes SentencePiece BPE models with byte fallback only"
+        )
+    pieces = [(p.piece, p.type) for p in proto.pieces]
+    literals = tuple(p for p, kind in pieces if kind == SPM_USER_DEFINED)
+    not_text = {p for p, kind in pieces if kind in (SPM_CONTROL, SPM_UNKNOWN)}
+    prenormalize = spm_normalizes(proto)
+    try:
+        config = json.loads(spm_to_hf_tokenizer(model_file, pre_normalized=prenormalize).to_str())
+    except TokenizerLoadError as e:
+        raise FastBackendUnavailable(str(e)) from None
+    config["added_tokens"] = [t for t in config["added_tokens"] if t["content"] not in not_text]
+    probes = (*FAST_BACKEND_PROBES, *(f"a {p} b {p}" for p in sorted(not_text)))
+    normalize = sp.normalize if prenormalize else None
+    return GigatokenEncoder(config, sp.encode, literals, probes, normalize)
+
+
+def gigatoken_for_tokenizer_json(tok: HFTokenizerModel) -> GigatokenEncoder:
+    """gigatoken for a Hugging Face tokenizer.json (byte-level BPE: GPT-2, Llama 3, Qwen),
+    with `tok`'s ids, special tokens typed in text encoded as text (`encode_special_tokens`).
+
+    Special added tokens are left out of gigatoken's configuration, so they are never
+    matched in text; documents that contain another added token are encoded by `tok`.
+    """
+    config = json.loads(tok.to_str())
+    added = config.get("added_tokens") or []
+    specials = sorted(t["content"] for t in added if t.get("special"))
+    config["added_tokens"] = [t for t in added if not t.get("special")]
+    literals = tuple(t["content"] for t in config["added_tokens"])
+    probes = (*FAST_BACKEND_PROBES, *(f"a {p} b{p}c" for p in specials))
+
+    def exact(text: str) -> list[int]:
+        return tok.encode(text, add_special_tokens=False).ids
+
+    return GigatokenEncoder(config, exact, literals, probes)
+
+
+def spm_proto(model_file: Path) -> Any:
+    """The parsed ModelProto of a SentencePiece model file."""
     from sentencepiece import sentencepiece_model_pb2  # needs protobuf
 
     proto = sentencepiece_model_pb2.ModelProto()
     proto.ParseFromString(Path(model_file).read_bytes())
-    bpe = proto.trainer_spec.model_type == sentencepiece_model_pb2.TrainerSpec.BPE
-    return bpe and proto.trainer_spec.byte_fallback
+    return proto
+
+
+def spm_normalizes(proto: Any) -> bool:
+    """Whether a SentencePiece model changes text before encoding it beyond turning spaces
+    into "▁" and adding the dummy prefix (a charsmap, or extra-whitespace removal)."""
+    norm = proto.normalizer_spec
+    return bool(
+        norm.name not in ("identity", "")
+        or norm.precompiled_charsmap
+        or norm.remove_extra_whitespaces
+    )
 
 
 def spm_piece_types(model_file: Path) -> list[tuple[str, int]]:
     """(piece, SPM_* type) of every piece of a SentencePiece model, in id order."""
-    from sentencepiece import sentencepiece_model_pb2  # needs protobuf
-
-    proto = sentencepiece_model_pb2.ModelProto()
-    proto.ParseFromString(Path(model_file).read_bytes())
-    return [(p.piece, p.type) for p in proto.pieces]
+    return [(p.piece, p.type) for p in spm_proto(model_file).pieces]
 
 
 def tokenizers_dir() -> Path:
@@ -648,31 +793,30 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 
 
 # SentencePiece -> tokenizers conversion ----------------------------------------------------
-def spm_to_hf_tokenizer(model_file: Path) -> HFTokenizerModel:
+def spm_to_hf_tokenizer(model_file: Path, pre_normalized: bool = False) -> HFTokenizerModel:
     """Build a `tokenizers` Tokenizer that encodes like the SentencePiece model.
 
+    With `pre_normalized`, the tokenizer has no normalizer: it encodes text that the model's
+    own normalizer has already turned into "▁"-separated pieces (`SentencePieceProcessor.
+    normalize`), for a model with any normalization.
+
     For models trained by tokenizers/train_sentencepiece.py (identity normalization, byte
-    fallback) the ids are the same on plain text: all but one of the 7.7k documents of the
-    sample corpus with BPE (that one contains a literal "<s>"); unigram also differs where two
-    segmentations score exactly the same (a run of '*', say; 18 documents). Known
-    differences, shared with transformers' own Llama conversion:
-    - control tokens (<s>, </s>, <pad>) typed literally in text become one special token
-      here but plain characters in SentencePiece;
-    - right after a user-defined symbol, a space gets its own "▁" token here (the dummy
-      prefix is added again to the text that follows an added token); the symbol itself is
-      one token on both sides.
-    Models trained with NFKC normalization are refused rather than converted approximately.
+    fallback) the ids are the same: every document of the sample corpus with BPE; unigram
+    differs where two segmentations score exactly the same (a run of '*', say; 18
+    documents). Control tokens (<s>, </s>, <pad>) are special added tokens: encoded with
+    `encode_special_tokens` (what HFTokenizer and transformers' `split_special_tokens` set),
+    typed in text they are plain characters, as in SentencePiece. Known difference, shared
+    with transformers' own Llama conversion: right after a user-defined symbol, a space gets
+    its own "▁" token here (the dummy prefix is added again to the text that follows an
+    added token); the symbol itself is one token on both sides.
+    Without `pre_normalized`, models trained with another normalization (NFKC, extra
+    whitespace removal) are refused rather than converted approximately.
     """
     from sentencepiece import sentencepiece_model_pb2  # needs protobuf; only export needs it
 
-    proto = sentencepiece_model_pb2.ModelProto()
-    proto.ParseFromString(model_file.read_bytes())
+    proto = spm_proto(model_file)
     norm = proto.normalizer_spec
-    if (
-        norm.name not in ("identity", "")
-        or norm.precompiled_charsmap
-        or norm.remove_extra_whitespaces
-    ):
+    if not pre_normalized and spm_normalizes(proto):
         raise TokenizerLoadError(
             f"{model_file}: normalization {norm.name!r} (remove_extra_whitespaces="
             f"{norm.remove_extra_whitespaces}) has no exact tokenizer.json equivalent; retrain "
@@ -696,7 +840,8 @@ def spm_to_hf_tokenizer(model_file: Path) -> HFTokenizerModel:
     steps = [normalizers.Replace(" ", "▁")]
     if norm.add_dummy_prefix:
         steps.insert(0, normalizers.Prepend("▁"))
-    tok.normalizer = normalizers.Sequence(steps)
+    if not pre_normalized:
+        tok.normalizer = normalizers.Sequence(steps)
     dec = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
     if norm.add_dummy_prefix:
         dec.append(decoders.Strip(content=" ", left=1))

@@ -1,6 +1,6 @@
 """Model families and the megatron-core models built from a config.
 
-Every family is a folder (``llama/``, ``qwen2/``, ``mixtral/``) whose ``__init__.py``
+Every family is a folder (``llama/``, ``qwen2/``, ``qwen3/``, ``mixtral/``) whose ``__init__.py``
 registers a :class:`ModelFamily` subclass with :func:`register`: its name, TransformerConfig
 architecture fields, config rules, Hugging Face names and weight mapping, and which servers
 load its exports (see :mod:`megatron_forge.models.registry`). Every other part of the
@@ -19,7 +19,7 @@ primitives (:class:`~megatron_forge.models.mapping.Rule`, QKV grouping, SwiGLU g
 vocabulary padding) are in :mod:`megatron_forge.models.mapping`.
 """
 
-from megatron_forge.models import llama, mixtral, qwen2
+from megatron_forge.models import llama, mixtral, qwen2, qwen3
 from megatron_forge.models.build import (
     build_model,
     build_transformer_config,
@@ -37,7 +37,7 @@ from megatron_forge.models.registry import (
     register,
 )
 
-FAMILY_PACKAGES = (llama, qwen2, mixtral)
+FAMILY_PACKAGES = (llama, qwen2, qwen3, mixtral)
 """The family folders: importing one registers its family."""
 
 __all__ = [

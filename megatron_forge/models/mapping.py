@@ -44,7 +44,8 @@ class Rule:
 
 
 def head_dim(model: ModelConfig) -> int:
-    return model.hidden_size // model.num_attention_heads
+    """Channels per head: model.head_dim, or hidden_size / num_attention_heads."""
+    return model.attention_head_dim
 
 
 # QKV ------------------------------------------------------------------------------------------

@@ -30,6 +30,17 @@ DASHBOARD_NAMES: dict[str, str] = {
     "peak_mem_gb": "memory/peak_gb",
     "val_loss": "val/loss",
     "val_ppl": "val/ppl",
+    "loss_zscore": "spikes/loss_zscore",
+    "grad_norm_zscore": "spikes/grad_norm_zscore",
+    "straggler_rank": "stragglers/rank",
+    "straggler_busy_s": "stragglers/busy_s",
+    "straggler_data_wait_s": "stragglers/data_wait_s",
+    "straggler_compute_s": "stragglers/compute_s",
+    "busy_median_s": "stragglers/busy_median_s",
+    "busy_spread_s": "stragglers/busy_spread_s",
+    "straggler_excess": "stragglers/excess",
+    "rank_step_time_spread_s": "stragglers/step_time_spread_s",
+    "straggler_gather_ms": "stragglers/gather_ms",
 }
 
 NOT_PLOTTED = {"step", "skipped", "step_time_rank_s"}

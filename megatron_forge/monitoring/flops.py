@@ -1,13 +1,14 @@
 """Model FLOPs per token, peak FLOP/s of GPUs by name, and MFU.
 
 Model FLOPs count the matrix multiplications one token goes through, 2 FLOPs per
-multiply-add. Forward pass, with h = hidden size, a = attention heads, kv = h / a x
-num_query_groups (the K/V width under GQA), f = (expert) MLP inner size, s = sequence
-length, E = experts, k = experts per token (moe_router_topk; 1 for a dense model) and
-V = the padded vocabulary:
+multiply-add. Forward pass, with h = hidden size, d = channels per head (model.head_dim,
+h / heads by default), q = heads x d (the query width, h unless head_dim says otherwise),
+kv = num_query_groups x d (the K/V width under GQA), f = (expert) MLP inner size, s =
+sequence length, E = experts, k = experts per token (moe_router_topk; 1 for a dense model)
+and V = the padded vocabulary:
 
-    per layer    attention projections   2 * (2*h*h + 2*h*kv)   Q and output; K and V
-                 attention scores        2 * 2 * h * s / 2      Q K^T and softmax x V,
+    per layer    attention projections   2 * (2*h*q + 2*h*kv)   Q and output; K and V
+                 attention scores        2 * 2 * q * s / 2      Q K^T and softmax x V,
                                                                 causal: s/2 keys per query
                  MLP (SwiGLU)            2 * 3 * h * f * k      gate, up and down
                  router (MoE only)       2 * h * E
@@ -65,14 +66,15 @@ class FlopsPerToken:
 def flops_per_token(model: ModelConfig, vocab_size: int) -> FlopsPerToken:
     """Forward FLOPs per token of ``model`` with a (padded) vocabulary of ``vocab_size``."""
     h, s, layers = model.hidden_size, model.seq_length, model.num_layers
-    kv = h // model.num_attention_heads * model.num_query_groups
+    d = model.attention_head_dim
+    q, kv = model.num_attention_heads * d, model.num_query_groups * d
     if model.num_experts is None:
         inner, topk, router = model.ffn_hidden_size, 1, 0
     else:
         inner, topk, router = model.moe_ffn_hidden_size, model.moe_router_topk, model.num_experts
     return FlopsPerToken(
-        attention_projections=layers * 2 * (2 * h * h + 2 * h * kv),
-        attention_scores=layers * 2 * 2 * h * s / 2,
+        attention_projections=layers * 2 * (2 * h * q + 2 * h * kv),
+        attention_scores=layers * 2 * 2 * q * s / 2,
         mlp=layers * 2 * 3 * h * inner * topk,
         router=layers * 2 * h * router,
         lm_head=2 * h * vocab_size,

@@ -12,6 +12,9 @@
   earlier checkpoint, W&B (online) drops the replayed steps it already has.
 - The resolved config, the world size and the Slurm job (``SLURM_JOB_ID``,
   ``SLURM_JOB_NODELIST``, ``SLURM_NNODES``) are the run's config.
+- :meth:`WandbLogger.alert` sends ``wandb.alert`` (spikes, stragglers, NaN stops, hangs,
+  preemptions: ``training.monitors.ALERTS``); offline runs keep alerts as ``alert``
+  records in their ``.wandb`` file, sent when synced.
 - Failures (wandb missing, ``wandb.init`` or ``log`` raising) print a warning and training
   goes on with metrics.jsonl, the console and TensorBoard.
 """
@@ -33,6 +36,10 @@ from megatron_forge.utils import is_rank0
 
 if TYPE_CHECKING:
     from megatron_forge.config import Config
+
+
+ALERT_INTERVAL_S = 60
+"""W&B sends at most one alert of a title (one kind of event) per this many seconds."""
 
 
 def _warn(message: str) -> None:
@@ -114,7 +121,7 @@ def init_run(cfg: Config, run_id: Optional[str], world_size: int) -> Any:
     return run
 
 
-def _broadcast_from_rank0(value: Optional[str]) -> Optional[str]:
+def broadcast_from_rank0(value: Optional[str]) -> Optional[str]:
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return value
     box = [value]
@@ -142,7 +149,7 @@ class WandbLogger:
         if is_rank0():
             self.run = init_run(self.cfg, run_id, world_size)
             run_id = self.run.id if self.run is not None else run_id
-        self.run_id = _broadcast_from_rank0(run_id)
+        self.run_id = broadcast_from_rank0(run_id)
 
     def log(self, metrics: dict[str, Any]) -> None:
         """Log one step's (or evaluation's) metrics at ``metrics["step"]``."""
@@ -153,6 +160,20 @@ class WandbLogger:
         except Exception as err:  # W&B must never stop training
             _warn(f"W&B logging failed ({type(err).__name__}: {err}); W&B logging stops here")
             self.run = None
+
+    def alert(self, title: str, text: str, error: bool = False) -> None:
+        """A W&B alert (e-mail or Slack, per the user's W&B settings); offline runs keep
+        it in their ``.wandb`` file. Never raises."""
+        if self.run is None:
+            return
+        try:
+            import wandb
+
+            level = wandb.AlertLevel.ERROR if error else wandb.AlertLevel.WARN
+            # wait_duration: W&B sends an alert of the same title at most once per interval
+            self.run.alert(title=title, text=text, level=level, wait_duration=ALERT_INTERVAL_S)
+        except Exception as err:  # W&B must never stop training
+            _warn(f"W&B alert failed ({type(err).__name__}: {err})")
 
     def finish(self, exit_code: Optional[int] = None) -> None:
         """Close the run; a nonzero ``exit_code`` marks it failed in W&B."""

@@ -15,6 +15,7 @@ comes back through :meth:`~Callback.load_state_dict` when a run resumes.
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Optional
 
 
@@ -58,8 +59,10 @@ class Callback:
     def on_event(self, trainer: Any, event: dict[str, Any]) -> None:
         """Something the run did besides stepping, as a record with ``event`` (its kind),
         ``step`` and a one-line ``message``: ``nonfinite_step`` (a step whose update was
-        refused), ``rollback``, ``nonfinite_stop``, ``checkpoint_refused``. Every rank
-        gets the same events."""
+        refused), ``rollback``, ``nonfinite_stop``, ``checkpoint_refused``, ``loss_spike``,
+        ``grad_norm_spike``, ``straggler``, ``preempted``. Every rank gets the same
+        events, except ``hang``: the hang watchdog's thread delivers it on the rank that
+        gives up, just before that process exits (``close`` does not run after it)."""
 
     def finish_writes(self, trainer: Any) -> None:
         """The run needs its newest checkpoint complete now: a rollback reloads it, a
@@ -76,3 +79,17 @@ class Callback:
     def close(self, trainer: Any) -> None:
         """Release what the callback holds (runs, files, threads, processes); the last hook
         of every run. After :meth:`on_error`, start no collective."""
+
+
+def announce(trainer: Any, event: dict[str, Any]) -> None:
+    """Hand ``event`` to every callback's :meth:`Callback.on_event` without printing it
+    (the caller has said it already), each even when another fails."""
+    for cb in getattr(trainer, "callbacks", []):
+        try:
+            cb.on_event(trainer, event)
+        except Exception as err:
+            print(
+                f"WARNING: {type(cb).__name__}.on_event failed ({type(err).__name__}: {err})",
+                file=sys.stderr,
+                flush=True,
+            )

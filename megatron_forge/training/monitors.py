@@ -1,5 +1,9 @@
 """Callbacks that bind :mod:`megatron_forge.monitoring` to the train loop: throughput and
-MFU into each step's metrics, and the W&B and TensorBoard dashboards."""
+MFU into each step's metrics, and the W&B, MLflow and TensorBoard dashboards.
+
+W&B also gets an alert (``wandb.alert``) for each event in :data:`ALERTS`: loss and
+grad-norm spikes, persistent stragglers, a stop on NaN/inf, a hang and a preemption
+(``logging.wandb_alerts``)."""
 
 from __future__ import annotations
 
@@ -7,10 +11,12 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from megatron_forge.config import Config
 from megatron_forge.monitoring.dashboard import is_log_step
+from megatron_forge.monitoring.mlflow_logger import MlflowLogger
 from megatron_forge.monitoring.tensorboard import TensorBoardLogger
 from megatron_forge.monitoring.throughput import ThroughputMonitor
 from megatron_forge.monitoring.wandb_logger import WandbLogger
 from megatron_forge.training.callback import Callback
+from megatron_forge.training.exit_status import EXIT_HUNG
 
 if TYPE_CHECKING:
     from megatron_forge.training.trainer import Trainer
@@ -36,6 +42,20 @@ class ThroughputCallback(Callback):
 
     def on_step_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
         self._monitor(trainer).add_to(metrics)
+
+
+ALERTS: dict[str, tuple[str, bool]] = {
+    "loss_spike": ("Loss spike", False),
+    "grad_norm_spike": ("Grad norm spike", False),
+    "straggler": ("Straggler", False),
+    "nonfinite_stop": ("Stopped: NaN/inf steps", True),
+    "hang": ("Hang: exiting", True),
+    "preempted": ("Preempted", False),
+}
+"""Event kind -> (W&B alert title, whether it is an error rather than a warning)."""
+
+ENDS_PROCESS = {"hang"}
+"""Events after which the process exits at once (no ``close``): finish the runs now."""
 
 
 class WandbCallback(Callback):
@@ -67,11 +87,59 @@ class WandbCallback(Callback):
         self.logger.start(trainer.world_size)  # evaluation-only runs have no train start
         self.logger.log(metrics)
 
+    def on_event(self, trainer: Trainer, event: dict[str, Any]) -> None:
+        kind = event.get("event")
+        if kind in ALERTS and self.cfg.logging.wandb_alerts:
+            title, error = ALERTS[kind]
+            self.logger.alert(title, f"{self.cfg.logging.dir}: {event['message']}", error)
+        if kind in ENDS_PROCESS:
+            self.logger.finish(exit_code=EXIT_HUNG)
+
     def on_error(self, trainer: Trainer, error: BaseException) -> None:
         self.failed = True
 
     def close(self, trainer: Trainer) -> None:
         self.logger.finish(exit_code=1 if self.failed else None)
+
+
+class MlflowCallback(Callback):
+    """Logs each logged step's metrics and every evaluation to MLflow; its run id is
+    resumable state, so a resumed or requeued job continues the same MLflow run."""
+
+    state_key = "mlflow"
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.logger = MlflowLogger(cfg)
+        self.failed = False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"run_id": self.logger.run_id} if self.logger.run_id else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.logger.run_id = state.get("run_id")
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        self.logger.start(trainer.world_size, trainer.step)
+
+    def on_step_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+        t = trainer.cfg.train
+        if is_log_step(metrics["step"], self.cfg.logging.log_interval, t.train_iters):
+            self.logger.log(metrics)
+
+    def on_eval_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+        self.logger.start(trainer.world_size, trainer.step)  # evaluation-only runs
+        self.logger.log(metrics)
+
+    def on_event(self, trainer: Trainer, event: dict[str, Any]) -> None:
+        if event.get("event") in ENDS_PROCESS:
+            self.logger.finish(failed=True)
+
+    def on_error(self, trainer: Trainer, error: BaseException) -> None:
+        self.failed = True
+
+    def close(self, trainer: Trainer) -> None:
+        self.logger.finish(failed=self.failed)
 
 
 class TensorBoardCallback(Callback):

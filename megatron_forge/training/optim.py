@@ -3,9 +3,10 @@ learning-rate schedule."""
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -82,26 +83,99 @@ def build_optimizer(cfg: Config, model: list[Any]) -> Any:
     return get_megatron_optimizer(opt_config, model)
 
 
-def build_scheduler(cfg: Config, optimizer: Any) -> Any:
-    """Warmup then cosine/linear/constant decay, stepped in samples as Megatron-LM does."""
+# The config's names for the WSD decay shapes -> megatron-core's.
+WSD_DECAY_STYLES = {
+    "linear": "linear",
+    "cosine": "cosine",
+    "1-sqrt": "minus_sqrt",
+    "exponential": "exponential",
+}
+# The config's decay styles -> megatron-core's.
+DECAY_STYLES = {"wsd": "WSD"}
+
+
+@functools.cache
+def _scheduler_class() -> type:
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+    class ParamScheduler(OptimizerParamScheduler):
+        """megatron-core's scheduler, whose state also holds the WSD decay phase (length in
+        samples, shape): megatron-core keeps them out of its state dict, so a checkpoint
+        could not tell a resumed run which decay phase it was trained for."""
+
+        def state_dict(self) -> dict:
+            state = super().state_dict()
+            if self.lr_decay_style == "WSD":
+                state["wsd_decay_steps"] = self.wsd_decay_steps
+                state["lr_wsd_decay_style"] = self.lr_wsd_decay_style
+            return state
+
+        def load_state_dict(self, state_dict: dict) -> None:
+            for key, name in (
+                ("wsd_decay_steps", "WSD decay steps"),
+                ("lr_wsd_decay_style", "WSD decay style"),
+            ):
+                if key in state_dict:
+                    value = getattr(self, key)
+                    if value is None:  # not WSD now: nothing to check against
+                        value = state_dict[key]
+                    setattr(self, key, self._check_and_set(value, state_dict[key], name))
+            super().load_state_dict(state_dict)  # sets the lr with the values above
+
+    return ParamScheduler
+
+
+def scheduler_arguments(cfg: Config) -> dict[str, Any]:
+    """OptimizerParamScheduler's lr and weight-decay arguments, in samples (as Megatron-LM):
+    warmup and decay end where the iterations ``warmup_iters`` and ``decay_iters`` end,
+    which with a batch-size ramp-up is fewer samples than iterations x global batch."""
+    from megatron_forge.data.datasets import BatchSizes
+
     t = cfg.train
-    gbs = t.global_batch_size
-    decay_iters = t.decay_iters or t.train_iters
-    return OptimizerParamScheduler(
-        optimizer,
-        init_lr=0.0,
-        max_lr=t.lr,
-        min_lr=t.min_lr,
-        lr_warmup_steps=t.warmup_iters * gbs,
-        lr_decay_steps=max(decay_iters, t.warmup_iters + 1) * gbs,
-        lr_decay_style=t.decay_style,
-        start_wd=t.weight_decay,
-        end_wd=t.weight_decay,
-        wd_incr_steps=max(t.train_iters, 1) * gbs,
-        wd_incr_style="constant",
-    )
+    samples = BatchSizes(t).samples_at_step
+    decay_iters = max(t.decay_iters or t.train_iters, t.warmup_iters + 1)
+    decay_samples = samples(decay_iters)
+    arguments: dict[str, Any] = {
+        "init_lr": 0.0,
+        "max_lr": t.lr,
+        "min_lr": t.min_lr,
+        "lr_warmup_steps": samples(t.warmup_iters),
+        "lr_decay_steps": decay_samples,
+        "lr_decay_style": DECAY_STYLES.get(t.decay_style, t.decay_style),
+        "start_wd": t.weight_decay,
+        "end_wd": t.weight_decay,
+        "wd_incr_steps": samples(max(t.train_iters, 1)),
+        "wd_incr_style": "constant",
+    }
+    if t.decay_style == "wsd":
+        stable_end = max(decay_iters - (t.wsd_decay_iters or 0), 0)
+        arguments["wsd_decay_steps"] = max(decay_samples - samples(stable_end), 1)
+        arguments["lr_wsd_decay_style"] = WSD_DECAY_STYLES[t.wsd_decay_style]
+    return arguments
+
+
+def build_scheduler(cfg: Config, optimizer: Any) -> Any:
+    """megatron-core's OptimizerParamScheduler: linear warmup, then cosine, linear,
+    constant, warmup-stable-decay or inverse-square-root, stepped in samples."""
+    return _scheduler_class()(optimizer, **scheduler_arguments(cfg))
+
+
+def lr_curve(cfg: Config, steps: Optional[int] = None) -> list[float]:
+    """The learning rate of steps 1..``steps`` (default train_iters) of a run of ``cfg``,
+    from the same scheduler a run builds (on a stand-in optimizer), without training:
+    the lr each step is logged with."""
+    from megatron_forge.data.datasets import BatchSizes
+
+    optimizer = torch.optim.SGD([torch.zeros(1)], lr=0.0)
+    scheduler = build_scheduler(cfg, optimizer)
+    batch_sizes = BatchSizes(cfg.train)
+    lrs, consumed = [], 0
+    for _ in range(cfg.train.train_iters if steps is None else steps):
+        size = batch_sizes.at(consumed)
+        scheduler.step(increment=size)
+        consumed += size
+        lrs.append(optimizer.param_groups[0]["lr"])
+    return lrs
 
 
 @dataclass

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_forge.checkpointing import iteration_dir
-from megatron_forge.training.callback import Callback, StopTraining
+from megatron_forge.training.callback import Callback, StopTraining, announce
 from megatron_forge.training.exit_status import EXIT_PREEMPTED, STATUS_FILE
 from megatron_forge.utils import all_reduce, is_rank0
 
@@ -121,23 +121,24 @@ class PreemptionHandler(Callback):
                 )
             return
         checkpoint, requeue = self._save(trainer), "not requeued: checkpoint.save is unset"
-        if rank0:
-            if self.saver is not None:
-                why_not = requeue_slurm_job(self.max_requeues)
-                requeue = (
-                    "requeued the Slurm job" if why_not is None else f"not requeued: {why_not}"
-                )
-            print(
-                f"{name} at step {trainer.step}: "
-                + (
-                    f"saved checkpoint to {self.saver.checkpointer.root} ({Path(checkpoint).name})"
-                    if checkpoint
-                    else "no checkpoint saved"
-                )
-                + f"; {requeue}. Exiting with status {EXIT_PREEMPTED} (preempted), recorded "
-                f"in {Path(trainer.cfg.logging.dir) / STATUS_FILE}",
-                flush=True,
+        if rank0 and self.saver is not None:
+            why_not = requeue_slurm_job(self.max_requeues)
+            requeue = "requeued the Slurm job" if why_not is None else f"not requeued: {why_not}"
+        message = (
+            f"{name} at step {trainer.step}: "
+            + (
+                f"saved checkpoint to {self.saver.checkpointer.root} ({Path(checkpoint).name})"
+                if checkpoint and self.saver is not None
+                else "no checkpoint saved"
             )
+            + f"; {requeue}. Exiting with status {EXIT_PREEMPTED} (preempted), recorded "
+            f"in {Path(trainer.cfg.logging.dir) / STATUS_FILE}"
+        )
+        if rank0:
+            print(message, flush=True)
+        # the loggers hear of it (a W&B alert, a record in metrics.jsonl; only rank 0 knows
+        # whether the job was requeued, and only rank 0 writes them)
+        announce(trainer, {"event": "preempted", "step": trainer.step, "message": message})
         raise Preempted(
             signum,
             {

@@ -34,7 +34,12 @@ from megatron_forge.checkpointing import (
     load_checkpoint,
 )
 from megatron_forge.config import CheckpointConfig, Config, ConfigError
-from megatron_forge.data.datasets import build_datasets, load_run_tokenizer, microbatch_iterator
+from megatron_forge.data.datasets import (
+    BatchSizes,
+    build_datasets,
+    load_run_tokenizer,
+    microbatch_iterator,
+)
 from megatron_forge.errors import CheckpointError, ForgeError
 from megatron_forge.models import build_model, build_transformer_config
 from megatron_forge.training.callback import Callback, StopTraining
@@ -52,6 +57,7 @@ from megatron_forge.training.optim import (
     optimizer_step,
     wrap_ddp,
 )
+from megatron_forge.training.ranges import annotate
 from megatron_forge.training.resume import apply_config_hparams, check_resume
 from megatron_forge.training.step import forward_step, reduce_reported_loss
 from megatron_forge.utils import all_reduce, is_rank0
@@ -72,7 +78,8 @@ class TimedIterator:
     def __next__(self) -> Any:
         start = time.perf_counter()
         try:
-            batch = next(self.inner)
+            with annotate("data"):
+                batch = next(self.inner)
         finally:
             self.wait_s += time.perf_counter() - start
         if self.on_batch is not None:
@@ -96,6 +103,8 @@ class Trainer:
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.world_size = world_size
         self.num_microbatches = cfg.num_microbatches(world_size)
+        self.batch_sizes = BatchSizes(cfg.train)
+        """Each step's global batch: fixed, or growing with train.rampup_batch_size."""
         self.num_skipped = 0
         self.num_nan = 0
 
@@ -135,7 +144,7 @@ class Trainer:
             apply_config_hparams(cfg, self.optimizer, self.scheduler)
         self.train_ds, self.valid_ds = build_datasets(cfg, self.tokenizer)
         self.train_iter, self.data_timer = self._iterators(
-            self.train_ds, start_sample=self.consumed_samples
+            self.train_ds, start_sample=self.consumed_samples, batch_sizes=self.batch_sizes
         )
 
     def _vocab_size(self) -> int:
@@ -189,27 +198,30 @@ class Trainer:
         start_sample: int = 0,
         num_steps: Optional[int] = None,
         activity: str = "training batch",
+        batch_sizes: Optional[BatchSizes] = None,
     ) -> tuple[list[Iterator], TimedIterator]:
         """One microbatch stream per model chunk (each virtual pipeline chunk consumes the
         same microbatches in its own order, as megatron's interleaved schedule expects),
         and the timer of the underlying stream, which reports each batch as ``activity``."""
         stream = TimedIterator(
             microbatch_iterator(
-                dataset, self.cfg, self.dp_rank, self.dp_size, start_sample, num_steps
+                dataset, self.cfg, self.dp_rank, self.dp_size, start_sample, num_steps, batch_sizes
             ),
             on_batch=lambda: self.progress(activity),
         )
         chunks = list(itertools.tee(stream, len(self.model))) if len(self.model) > 1 else [stream]
         return chunks, stream
 
-    def _forward_backward(self, data: list[Iterator], forward_only: bool) -> float:
+    def _forward_backward(
+        self, data: list[Iterator], forward_only: bool, num_microbatches: int
+    ) -> float:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         losses = get_forward_backward_func()(
             forward_step_func=forward_step,
             data_iterator=data if len(data) > 1 else data[0],
             model=self.model if len(self.model) > 1 else self.model[0],
-            num_microbatches=self.num_microbatches,
+            num_microbatches=num_microbatches,
             seq_length=self.cfg.model.seq_length,
             micro_batch_size=self.cfg.train.micro_batch_size,
             forward_only=forward_only,
@@ -224,12 +236,15 @@ class Trainer:
             chunk.train()
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        loss = self._forward_backward(self.train_iter, forward_only=False)
-        result = optimizer_step(self.optimizer, loss)
+        batch_size = self.batch_sizes.at(self.consumed_samples)
+        self.num_microbatches = batch_size // (self.cfg.train.micro_batch_size * self.dp_size)
+        loss = self._forward_backward(self.train_iter, False, self.num_microbatches)
+        with annotate("optimizer"):
+            result = optimizer_step(self.optimizer, loss)
         if result.updated:  # as Megatron-LM: a skipped step does not advance the lr schedule
-            self.scheduler.step(increment=self.cfg.train.global_batch_size)
+            self.scheduler.step(increment=batch_size)
         self.step += 1
-        self.consumed_samples += self.cfg.train.global_batch_size
+        self.consumed_samples += batch_size
         self.num_skipped += not result.updated
         self.num_nan += result.nonfinite
         metrics = {
@@ -242,14 +257,15 @@ class Trainer:
             "skipped_steps": self.num_skipped,
             "nan_steps": self.num_nan,
             "consumed_samples": self.consumed_samples,
+            "global_batch_size": batch_size,
             "data_wait_s": self.data_timer.wait_s,
         }
         if self.moe_metrics is not None:
             metrics.update(self.moe_metrics.collect(self.num_microbatches))
-        metrics.update(self._timing(time.perf_counter() - start))
+        metrics.update(self._timing(time.perf_counter() - start, batch_size))
         return metrics
 
-    def _timing(self, elapsed: float) -> dict[str, float]:
+    def _timing(self, elapsed: float, batch_size: int) -> dict[str, float]:
         """Step time (this rank, slowest, fastest), throughput and peak memory (max over
         ranks), with one all-reduce."""
         if torch.cuda.is_available():
@@ -259,7 +275,7 @@ class Trainer:
         stats = torch.tensor([elapsed, -elapsed, peak_gb], dtype=torch.float64)
         stats = all_reduce(stats, op=dist.ReduceOp.MAX)
         slowest, fastest, peak = stats[0].item(), -stats[1].item(), stats[2].item()
-        tokens = self.cfg.train.global_batch_size * self.cfg.model.seq_length
+        tokens = batch_size * self.cfg.model.seq_length
         return {
             "step_time_s": slowest,  # the step ends when the slowest rank finishes
             "step_time_min_s": fastest,
@@ -294,7 +310,8 @@ class Trainer:
         )
         with self.params_synced():
             losses = [
-                self._forward_backward(data, forward_only=True)
+                # evaluation batches are train.global_batch_size, ramp-up or not
+                self._forward_backward(data, True, self.cfg.num_microbatches(self.world_size))
                 for _ in range(self.cfg.train.eval_iters)
             ]
         val_loss = sum(losses) / len(losses)

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import torch.distributed as dist
 
-from megatron_forge.training.callback import Callback
+from megatron_forge.training.callback import Callback, announce
 from megatron_forge.training.exit_status import EXIT_HUNG, write_exit_status
 from megatron_forge.training.preemption import requeue_slurm_job
 from megatron_forge.utils import world_size
@@ -48,6 +48,9 @@ if TYPE_CHECKING:
     from megatron_forge.training.trainer import Trainer
 
 __all__ = ["EXIT_HUNG", "HangWatchdog", "describe_stalled"]
+
+ANNOUNCE_TIMEOUT_S = 15.0
+"""How long the other callbacks get to hear of a hang before the process exits."""
 
 
 def describe_stalled(heartbeats: dict[int, dict[str, Any]], now: float, stale_s: float) -> str:
@@ -91,6 +94,7 @@ class HangWatchdog(Callback):
         self._lock = threading.Lock()  # the thread and the main thread both write the file
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
+        self.trainer: Any = None
 
     def _beat(self) -> None:
         record = {
@@ -146,7 +150,25 @@ class HangWatchdog(Callback):
             rank=self.rank,
             requeued=why_not is None,
         )
+        self._announce(message)  # after the status is recorded: it may take a while
         self.exit_process(EXIT_HUNG)
+
+    def _announce(self, message: str) -> None:
+        """The other callbacks hear of the hang (a W&B alert, a record in metrics.jsonl),
+        within ANNOUNCE_TIMEOUT_S: a logger blocked on the network must not keep a hung
+        job from exiting."""
+        if self.trainer is None:
+            return
+        event = {
+            "event": "hang",
+            "step": self.step,
+            "rank": self.rank,
+            "host": self.host,
+            "message": message.splitlines()[0],
+        }
+        thread = threading.Thread(target=announce, args=(self.trainer, event), daemon=True)
+        thread.start()
+        thread.join(timeout=ANNOUNCE_TIMEOUT_S)
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -159,6 +181,7 @@ class HangWatchdog(Callback):
         self.last_progress = time.monotonic()
 
     def on_train_start(self, trainer: Trainer) -> None:
+        self.trainer = trainer
         self.dir.mkdir(parents=True, exist_ok=True)
         self.step = trainer.step
         self._progress("first step")

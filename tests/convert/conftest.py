@@ -128,16 +128,41 @@ def transformers_llama(sample_data: Path, tmp_path_factory: pytest.TempPathFacto
     return out
 
 
+INSTRUCT_EOS = [2, 7]
+INSTRUCT_GENERATION = {"do_sample": True, "temperature": 0.6, "top_p": 0.9, "top_k": 20}
+
+
 @pytest.fixture(scope="session")
-def imported(exports, transformers_llama, tmp_path_factory) -> dict[str, Path]:
+def transformers_instruct(transformers_llama: Path, tmp_path_factory) -> Path:
+    """transformers_llama as an instruct model ships: it stops on several eos ids and its
+    generation_config.json (written by transformers) samples."""
+    import shutil
+
+    from transformers import GenerationConfig
+
+    out = tmp_path_factory.mktemp("transformers_instruct") / "hf"
+    shutil.copytree(transformers_llama, out)
+    config = json.loads((out / "config.json").read_text())
+    config["eos_token_id"] = INSTRUCT_EOS
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    generation = GenerationConfig(bos_token_id=1, eos_token_id=INSTRUCT_EOS, **INSTRUCT_GENERATION)
+    generation.save_pretrained(str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def imported(
+    exports, transformers_llama, transformers_instruct, tmp_path_factory
+) -> dict[str, Path]:
     """from-hf of each export (with the layout it came from) and of the transformers
-    Llama, in one worker process."""
+    Llamas, in one worker process."""
     root = tmp_path_factory.mktemp("imported")
     sources = {
         "dense": (exports["dense"][1], ["--tp", "2"]),
         "qwen2": (exports["qwen2"][1], []),
         "moe": (exports["moe"][1], ["--ep", "2"]),
         "llama": (transformers_llama, []),
+        "instruct": (transformers_instruct, []),
     }
     jobs = [
         ["from-hf", str(src), str(root / name), *flags] for name, (src, flags) in sources.items()

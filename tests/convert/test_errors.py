@@ -42,7 +42,7 @@ def test_hf_shapes_must_match_config(transformers_llama, tmp_path, capsys):
 
 
 def test_unsupported_rope_scaling(transformers_llama, tmp_path, capsys):
-    scaling = {"rope_type": "llama3", "factor": 8.0, "rope_theta": 5000.0}
+    scaling = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 5000.0}
     bad = copy_hf(transformers_llama, tmp_path / "bad", rope_parameters=scaling)
     assert "RoPE scaling" in fails_with(capsys, "from-hf", bad, tmp_path / "out")
 

@@ -25,7 +25,7 @@ def hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def reference_rank(hf_dir: Path, tp: int, pp: int, rank: int) -> dict[str, torch.Tensor]:
-    """TensorRT-LLM's per-rank weights for an HF Llama / Qwen2 / Mixtral directory."""
+    """TensorRT-LLM's per-rank weights for an HF Llama / Qwen2 / Qwen3 / Mixtral directory."""
     cfg = json.loads((hf_dir / "config.json").read_text())
     w = hf_weights(hf_dir)
     tp_rank, pp_rank = rank % tp, rank // tp
@@ -64,6 +64,9 @@ def reference_rank(hf_dir: Path, tp: int, pp: int, rank: int) -> dict[str, torch
                     ]
                 )
         out[dst + "attention.dense.weight"] = split(w[attn + "o_proj.weight"], 1)
+        for x in "qk":  # Qwen3's QK-norm (models/qwen/convert.py): whole on every rank
+            if attn + f"{x}_norm.weight" in w:
+                out[dst + f"attention.{x}_layernorm.weight"] = w[attn + f"{x}_norm.weight"]
         out[dst + "input_layernorm.weight"] = w[src + "input_layernorm.weight"]
         out[dst + "post_layernorm.weight"] = w[src + "post_attention_layernorm.weight"]
         if "num_local_experts" in cfg:

@@ -63,11 +63,13 @@ def tiny_corpus(tmp_path_factory: pytest.TempPathFactory, corpus_tool: ModuleTyp
     return path
 
 
-def train_tiny_spm(trainer: ModuleType, corpus: Path, prefix: Path, model_type: str) -> Path:
+def train_tiny_spm(
+    trainer: ModuleType, corpus: Path, prefix: Path, model_type: str, *extra: str
+) -> Path:
     args = trainer.parse_args(
         ["--input", str(corpus), "--model-prefix", str(prefix)]
         + ["--vocab-size", str(SPM_VOCAB_SIZE), "--model-type", model_type]
-        + ["--user-defined-symbols", "<|tool|>"]
+        + ["--user-defined-symbols", "<|tool|>", *extra]
     )
     model, _ = trainer.train(args)
     return model
@@ -78,6 +80,14 @@ def spm_model(tmp_path_factory: pytest.TempPathFactory, spm_trainer, tiny_corpus
     """A tiny BPE SentencePiece model trained by tokenizers/train_sentencepiece.py."""
     prefix = tmp_path_factory.mktemp("spm") / "tiny"
     return train_tiny_spm(spm_trainer, tiny_corpus, prefix, "bpe")
+
+
+@pytest.fixture(scope="session")
+def spm_nfkc_model(tmp_path_factory: pytest.TempPathFactory, spm_trainer, tiny_corpus) -> Path:
+    """A tiny BPE SentencePiece model with SentencePiece's default normalization, nmt_nfkc
+    (precompiled charsmap, extra whitespace removed), as most published models have."""
+    prefix = tmp_path_factory.mktemp("spm_nfkc") / "tiny"
+    return train_tiny_spm(spm_trainer, tiny_corpus, prefix, "bpe", "--normalization", "nmt_nfkc")
 
 
 @pytest.fixture(scope="session")

@@ -34,6 +34,7 @@ def test_bench_tiny_corpus(spm_model: Path, tmp_path: Path) -> None:
     assert sorted((r["method"], r["workers"]) for r in runs) == sorted(
         (m, w) for m in methods for w in (1, 2)
     )
+    assert {r["tokenizer"] for r in runs} == {"given"}
     checks = {(r["method"], r["workers"]): r["check"] for r in runs}
     assert checks[("ours", 1)] == "reference"
     assert checks[("ours", 2)] == "identical"
@@ -52,14 +53,44 @@ def test_bench_tiny_corpus(spm_model: Path, tmp_path: Path) -> None:
     assert "method" in table and "tokens/s" in table and "peak RSS MB" in table
     assert "vs Megatron-LM" in table
     for label in ("Megatron-LM-style", "ours"):
-        assert sum(line.startswith(label) for line in table.splitlines()) == 2
-    assert re.search(r"^1 worker\(s\): ours [\d.]+ MB/s, [\d.]+x Megatron-LM-style", table, re.M)
+        assert sum(line.startswith(f"given     {label} ") for line in table.splitlines()) == 2
+    assert re.search(
+        r"^given, 1 worker\(s\): ours [\d.]+ MB/s, [\d.]+x Megatron-LM-style "
+        r"\([\d.]+x in CPU time\)",
+        table,
+        re.M,
+    )
 
     # The reference output is the tokenizer's own encoding plus EOD, document by document.
     tok = load_tokenizer(spm_model)
     corpus = tmp_path / "work" / "corpus.jsonl"
     texts = [json.loads(line)["text"] for line in corpus.read_text().splitlines()]
-    idx = tmp_path / "work" / "out" / "ours_w1_text_document"
+    idx = tmp_path / "work" / "out" / "given_ours_w1_text_document"
     bin_tokens = np.fromfile(f"{idx}.bin", dtype=np.uint16)
     expected = [t for text in texts for t in tok.tokenize(text) + [tok.eod]]
     assert bin_tokens.tolist() == expected
+
+
+@pytest.mark.slow
+def test_bench_trains_nfkc_sentencepiece_and_byte_level_bpe(tmp_path: Path) -> None:
+    """The two kinds the fast path was missing, trained in the benchmark: ours is
+    token-identical to the Megatron-LM-style run, on gigatoken."""
+    pytest.importorskip("gigatoken")
+    results = tmp_path / "results.json"
+    cmd = [sys.executable, str(REPO / "tools/bench_preprocess.py"), "--size-mb", "0.3"]
+    cmd += ["--tokenizers", "spm-nfkc", "bpe", "--vocab-size", "384", "--bpe-vocab-size", "1024"]
+    cmd += ["--bpe-extra-mb", "0", "--methods", "megatron", "ours", "--workers", "2"]
+    cmd += ["--work-dir", str(tmp_path / "work"), "--json", str(results)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    runs = {(r["tokenizer"], r["method"]): r for r in json.loads(results.read_text())}
+    assert set(runs) == {(k, m) for k in ("spm-nfkc", "bpe") for m in ("megatron", "ours")}
+    for kind in ("spm-nfkc", "bpe"):
+        assert runs[(kind, "megatron")]["check"] == "identical"
+        assert runs[(kind, "ours")]["speedup"] > 0
+    assert "spm-nfkc (sentencepiece, 384 entries, nmt_nfkc)" in result.stdout
+    assert "bpe (huggingface, 1024 entries)" in result.stdout
+    for kind in ("spm-nfkc", "bpe"):  # ours ran on gigatoken
+        log = (tmp_path / "work" / "out" / f"{kind}_ours_w2.log").read_text()
+        assert "tokenized with gigatoken" in log

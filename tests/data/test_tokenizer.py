@@ -12,6 +12,7 @@ import pyarrow as pa
 import pytest
 
 from megatron_forge.data.tokenizer import (
+    FAST_BACKEND_PROBES,
     NO_PAD_ID,
     HFTokenizer,
     MissingSpecialTokenError,
@@ -201,3 +202,195 @@ def test_tokenize_flat_equals_tokenize(model_fixture: str, request: pytest.Fixtu
         batch = batch if isinstance(batch, list) else batch.to_pylist()
         assert lengths.tolist() == [len(tok.tokenize(t)) for t in batch]
         assert flat.tolist() == [i for t in batch for i in tok.tokenize(t)]
+
+
+# Special-token strings typed in text: training encodes them as plain text (no document can
+# inject a control token), and so must the exported tokenizer.
+INJECTION_TEXTS = [
+    "<s>",
+    "</s>",
+    "a literal <s> and </s> in text",
+    "<unk><pad><s></s>",
+    "<|endoftext|>",
+    "end<|endoftext|>next <|pad|> <|begin_of_text|><|im_start|>user",
+    "<<s>> </s/> <s >",
+]
+
+
+def assert_export_agrees(tok, export_dir: Path, texts: list[str]) -> None:
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(export_dir)
+    ours = tok.tokenize_batch(texts)
+    for text, ids, theirs in zip(texts, ours, hf(texts)["input_ids"], strict=True):
+        assert theirs == ids, text
+    specials = {tok.bos, tok.eos, tok.pad, tok.unk} - {None}
+    for text, ids in zip(texts, ours, strict=True):
+        assert not specials & set(ids), text  # no control token comes from text
+
+
+def test_sentencepiece_export_splits_special_tokens(spm_model: Path, tmp_path: Path) -> None:
+    tok = load_tokenizer(spm_model)
+    tok.save_pretrained_files(tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
+    assert config["split_special_tokens"] is True
+    assert_export_agrees(tok, tmp_path / "hf", INJECTION_TEXTS + SENTENCES)
+    assert_export_agrees(load_tokenizer(tmp_path / "hf"), tmp_path / "hf", INJECTION_TEXTS)
+    # transformers' SentencePiece path (tokenizer.model through sentencepiece) agrees too.
+    from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
+
+    slow = SentencePieceBackend.from_pretrained(tmp_path / "hf")
+    for text in INJECTION_TEXTS + SENTENCES:
+        assert slow(text)["input_ids"] == tok.tokenize(text), text
+
+
+def test_hf_tokenizer_never_matches_special_tokens_in_text(
+    hf_tokenizer_json: Path, tmp_path: Path
+) -> None:
+    """Training and export encode `<|endoftext|>` typed in text as text; the tokenizer's
+    post-processor still adds its BOS in transformers."""
+    from tokenizers import Tokenizer, processors
+
+    tok = load_tokenizer(hf_tokenizer_json)
+    assert tok.eod not in tok.tokenize("<|endoftext|>")
+    assert tok.detokenize(tok.tokenize(INJECTION_TEXTS[5])) == INJECTION_TEXTS[5]
+    tok.save_pretrained_files(tmp_path / "bare")
+    assert_export_agrees(tok, tmp_path / "bare", INJECTION_TEXTS + SENTENCES)
+
+    # A directory with its own tokenizer_config.json and a BOS-adding post-processor.
+    src = tmp_path / "src"
+    src.mkdir()
+    rust = Tokenizer.from_file(str(hf_tokenizer_json))
+    bos = rust.token_to_id("<|pad|>")  # stands in for a BOS token
+    rust.post_processor = processors.TemplateProcessing(
+        single="<|pad|> $A", special_tokens=[("<|pad|>", bos)]
+    )
+    rust.save(str(src / "tokenizer.json"))
+    config = {"eos_token": "<|endoftext|>", "bos_token": "<|pad|>", "model_max_length": 64}
+    (src / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = load_tokenizer(src)
+    tok.save_pretrained_files(tmp_path / "dir")
+    exported = json.loads((tmp_path / "dir" / "tokenizer_config.json").read_text())
+    assert exported == {**config, "split_special_tokens": True}
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "dir")
+    for text in INJECTION_TEXTS:
+        assert hf(text)["input_ids"] == [bos] + tok.tokenize(text)
+        assert hf(text, add_special_tokens=False)["input_ids"] == tok.tokenize(text)
+
+
+@pytest.mark.slow
+def test_export_tokenizes_the_sample_corpus_like_training(sample_data: Path, tmp_path: Path):
+    """Every document of the sample corpus: AutoTokenizer on the export gives training's ids
+    (one of them holds a literal `<s>`)."""
+    tok = load_tokenizer(sample_data / "tokenizer.model")
+    tok.save_pretrained_files(tmp_path / "hf")
+    lines = (sample_data / "corpus.jsonl").read_text(encoding="utf-8").splitlines()
+    texts = [json.loads(line)["text"] for line in lines]
+    assert len(texts) > 7000 and any("<s>" in text for text in texts)
+    assert_export_agrees(tok, tmp_path / "hf", texts)
+
+
+# Text that normalizers, pre-tokenizers and byte fallback treat specially.
+# fmt: off
+ADVERSARIAL_PIECES = [
+    *"aZ09.,;:!?'\"-_()[]{}<>/\\|@#$%^&*+=~`",
+    " ", "  ", "   ", "\t", "\n", "\r\n", "\r", "\x00", "\x01", "\x0b", "\x0c", "\x1f", "\x7f",
+    "\x85", "\u00a0", "\u2028", "\u3000", "\u200b", "\u200d", "\ufeff", "\u2581",
+    "ﬁ", "①", "²", "½", "Ｈ", "ｅ", "ℌ", "™", "…", "㍿", "Ⅻ", "ǅ", "ß", "İ", "ﾊﾟ",
+    "e\u0301", "\u0301", "\u0308", "\u0302", "a\u0308\u0301", "\u1100\u1161\u11a8", "가",
+    "😀", "👍🏽", "👨\u200d👩\u200d👧", "🇫🇷", "𝔘", "汉字", "한국어", "Привет", "ΑΒΓ",
+    "it's", " we've", "12345", "3.14", "def", " return", "the", " of",
+    "<s>", "</s>", "<unk>", "<pad>", "<|endoftext|>", "<|pad|>", "<|tool|>",
+]
+# fmt: on
+
+
+def adversarial_texts(count: int = 400, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    texts = list(FAST_BACKEND_PROBES) + INJECTION_TEXTS + SENTENCES + ADVERSARIAL_PIECES
+    for _ in range(count):
+        picks = rng.integers(0, len(ADVERSARIAL_PIECES), int(rng.integers(1, 40)))
+        texts.append("".join(ADVERSARIAL_PIECES[i] for i in picks))
+    return texts
+
+
+def with_added_token(tokenizer_json: Path, out_dir: Path) -> Path:
+    """A copy of a tokenizer.json with a user-defined (not special) added token."""
+    from tokenizers import AddedToken, Tokenizer
+
+    rust = Tokenizer.from_file(str(tokenizer_json))
+    rust.add_tokens([AddedToken("<|tool|>", special=False, normalized=False)])
+    out_dir.mkdir()
+    rust.save(str(out_dir / "tokenizer.json"))
+    return out_dir / "tokenizer.json"
+
+
+@pytest.mark.parametrize(
+    "fixture", ["spm_model", "spm_nfkc_model", "hf_tokenizer_json", "hf_with_added_token"]
+)
+def test_fast_backend_is_exact_on_adversarial_text(
+    fixture: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """gigatoken takes every kind of real tokenizer: SentencePiece with no normalization or
+    with nmt_nfkc (charsmap, whitespace removal), and byte-level BPE tokenizer.json; its ids
+    are the tokenizer's own on NFKC-sensitive, control, whitespace, emoji and byte-fallback
+    text, special-token strings and user-defined symbols included."""
+    pytest.importorskip("gigatoken")
+    if fixture == "hf_with_added_token":
+        path = with_added_token(request.getfixturevalue("hf_tokenizer_json"), tmp_path / "hf")
+    else:
+        path = request.getfixturevalue(fixture)
+    tok = load_tokenizer(path)
+    texts = adversarial_texts()
+    expected = [tok.tokenize(text) for text in texts]
+    assert tok.use_fast_backend() == tok.batch_backend == "gigatoken", tok.fast_backend_error
+    assert tok.takes_arrow == (fixture != "spm_nfkc_model")
+    for batch in (texts, pa.array(texts), pa.array(texts)[7:300]):
+        flat, lengths = tok.tokenize_flat(batch)
+        want = expected if isinstance(batch, list) else expected[batch.offset :][: len(batch)]
+        assert lengths.tolist() == [len(ids) for ids in want]
+        assert flat.tolist() == [i for ids in want for i in ids]
+    if fixture == "spm_nfkc_model":  # the normalization is really there
+        assert tok.tokenize("ﬁ①") == tok.tokenize("fi1")
+        assert tok.tokenize("  a \t b  ") == tok.tokenize("a b")
+
+
+def test_fast_backend_reloads_to_bound_memory(hf_tokenizer_json: Path) -> None:
+    """gigatoken's pretoken cache grows with every distinct word; past `max_growth_bytes` of
+    growth the backend is loaded again (dropping it), with the same ids."""
+    pytest.importorskip("gigatoken")
+    tok = load_tokenizer(hf_tokenizer_json)
+    assert tok.use_fast_backend() == "gigatoken"
+    texts = adversarial_texts(50)
+    first = tok.tokenize_flat(texts)
+    assert tok._fast.loads == 1
+    tok._fast.max_growth_bytes = -(1 << 40)  # reload before every batch
+    for _ in range(2):
+        again = tok.tokenize_flat(pa.array(texts))
+        assert again[0].tolist() == first[0].tolist()
+        assert again[1].tolist() == first[1].tolist()
+    assert tok._fast.loads == 3
+
+
+@pytest.mark.slow
+def test_fast_backends_match_on_the_sample_corpus(
+    sample_data: Path, spm_trainer, bpe_trainer, tmp_path: Path
+) -> None:
+    """Every document of the sample corpus: gigatoken's ids are the tokenizer's own for the
+    sample's SentencePiece model, an nmt_nfkc SentencePiece model and a byte-level BPE."""
+    pytest.importorskip("gigatoken")
+    corpus = sample_data / "corpus.jsonl"
+    texts = [json.loads(line)["text"] for line in corpus.read_text(encoding="utf-8").splitlines()]
+    args = ["--input", str(corpus), "--model-prefix", str(tmp_path / "nfkc")]
+    nfkc, _ = spm_trainer.train(
+        spm_trainer.parse_args([*args, "--vocab-size", "2048", "--normalization", "nmt_nfkc"])
+    )
+    args = ["--input", str(corpus), "--output-dir", str(tmp_path / "bpe"), "--vocab-size", "8192"]
+    assert bpe_trainer.main(args) == 0
+    for path in (sample_data / "tokenizer.model", nfkc, tmp_path / "bpe"):
+        tok = load_tokenizer(path)
+        expected = tok.tokenize_batch(texts)
+        assert tok.use_fast_backend() == "gigatoken", tok.fast_backend_error
+        flat, lengths = tok.tokenize_flat(pa.array(texts))
+        assert lengths.tolist() == [len(ids) for ids in expected], path
+        assert np.array_equal(flat, np.concatenate([np.asarray(ids) for ids in expected])), path

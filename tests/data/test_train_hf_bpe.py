@@ -32,14 +32,16 @@ def test_loads_in_our_loader_with_special_ids(bpe_dir: Path) -> None:
         ids = tok.tokenize(text)
         assert tok.detokenize(ids) == text and tok.eos not in ids
     assert tok.tokenize_batch(SENTENCES) == [tok.tokenize(t) for t in SENTENCES]
-    assert tok.tokenize("a <|im_start|> b").count(2) == 1  # a special token stays whole
+    # A special token typed in a document is text: no document injects a chat marker or EOS.
+    assert 2 not in tok.tokenize("a <|im_start|> b") and 0 not in tok.tokenize("<|endoftext|>")
+    assert tok.detokenize(tok.tokenize("a <|im_start|> b")) == "a <|im_start|> b"
 
 
 def test_loads_in_transformers_with_the_same_ids(bpe_dir: Path, tmp_path: Path) -> None:
     transformers = pytest.importorskip("transformers")
     hf = transformers.AutoTokenizer.from_pretrained(bpe_dir)
     tok = load_tokenizer(bpe_dir)
-    for text in SENTENCES:
+    for text in [*SENTENCES, "a <|im_start|> b<|im_end|>", "<|endoftext|><|pad|>"]:
         assert hf(text)["input_ids"] == tok.tokenize(text)
         assert hf.decode(hf(text)["input_ids"]) == text
     assert (hf.eos_token_id, hf.pad_token_id, hf.bos_token_id) == (0, 1, None)

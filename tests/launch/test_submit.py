@@ -3,6 +3,7 @@ the dry-run plan, the submitted callable, and a real --local run of the tiny con
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -190,3 +191,31 @@ def test_submitted_message_has_job_id_logs_and_wandb_hint(
     assert "submitted job 42 to Slurm" in out and "/l/42/42_0_log.out" in out
     assert "scancel 42" in out
     assert "https://wandb.ai/<entity>/forge" in out and "wandb sync runs/tiny/wandb" in out
+
+
+def test_without_config_the_flagship_recipe_of_the_sbatch_script_is_used(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The README's `python launch/submit.py --nodes 16`: the config slurm/pretrain_7b.sh
+    trains, read from the script, and a line that says so."""
+    assert submit.flagship_config() == REPO / "configs/llama_7b.yaml"
+    assert submit.main(["--nodes", "16", "--dry-run", "--log-dir", str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [
+        f"no --config: using {os.path.relpath(LLAMA_7B)}, the "
+        "flagship recipe that sbatch slurm/pretrain_7b.sh runs"
+    ]
+    assert "world=128 (16 nodes x 8) TP=8 PP=1 CP=1 EP=1 DP=16" in captured.out
+
+
+def test_a_script_without_a_train_command_is_a_clear_error(tmp_path: Path) -> None:
+    script = tmp_path / "other.sh"
+    script.write_text("#!/bin/bash\nsrun python -m something_else\n")
+    with pytest.raises(ConfigError, match=r"other.sh has no 'megatron_forge.train --config"):
+        submit.flagship_config(str(script))
+
+
+def test_every_flag_has_help_text() -> None:
+    parser_actions = submit.build_parser()._actions
+    missing = [a.option_strings or a.dest for a in parser_actions if not a.help]
+    assert missing == []

@@ -111,7 +111,7 @@ def test_a_duplicate_name_or_architecture_fails_to_register() -> None:
         register(type("Clone", (Complete,), {"hf_architecture": "MixtralForCausalLM"}))
     with pytest.raises(ValueError, match=r"hf_model_type='qwen2' is already"):
         register(type("Clone", (Complete,), {"hf_model_type": "qwen2"}))
-    assert family_names() == ["llama", "mixtral", "qwen2"]  # nothing was added
+    assert family_names() == ["llama", "mixtral", "qwen2", "qwen3"]  # nothing was added
 
 
 def test_every_family_folder_is_registered() -> None:
@@ -137,7 +137,7 @@ def test_models_never_import_convert() -> None:
 # Configs -------------------------------------------------------------------------------------------
 def test_unknown_family_names_the_field_and_the_known_ones() -> None:
     cfg = load_config(None, ["model.family=foo", "precision.params_dtype=fp32"])
-    message = "model.family='foo' is not a registered family; known: ['llama', 'mixtral', 'qwen2']"
+    message = "model.family='foo' is not a registered family; known: ['llama', 'mixtral', 'qwen2', 'qwen3']"
     with pytest.raises(ConfigError) as err:
         check_model_config(cfg.model)
     assert str(err.value) == message
@@ -192,6 +192,15 @@ def _model(family: ModelFamily) -> ModelConfig:
         vocab_size=1000,
         untie_embeddings=False,
         init_method_std=0.01,
+        head_dim=16,  # not hidden_size / num_attention_heads
+        rope_scaling={
+            "type": "llama3",
+            "factor": 16.0,
+            "low_freq_factor": 2.0,
+            "high_freq_factor": 8.0,
+            "original_max_position_embeddings": 128,
+        },
+        qk_layernorm=family.name == "qwen3",
         **moe,
     )
 
@@ -213,6 +222,9 @@ EXPRESSED_IN_HF = (
     "moe_router_topk",
     "moe_ffn_hidden_size",
     "moe_aux_loss_coeff",
+    "head_dim",
+    "rope_scaling",
+    "qk_layernorm",
 )
 
 

@@ -45,6 +45,28 @@ def test_dense_gqa_hand_count() -> None:
     assert f.training == 3 * 720896 == 2162688
 
 
+def test_head_dim_sets_the_attention_width() -> None:
+    """Qwen3-style heads wider than hidden / heads: 4 heads of 32 channels on h=64, 2 KV
+    groups. Q and O are 64 x 128, K and V 64 x 64; the scores run over 128 channels."""
+    m = ModelConfig(
+        num_layers=2,
+        hidden_size=64,
+        ffn_hidden_size=192,
+        num_attention_heads=4,
+        num_query_groups=2,
+        head_dim=32,
+        qk_layernorm=True,
+        seq_length=128,
+    )
+    q, k, v, o = 64 * 128, 64 * 64, 64 * 64, 128 * 64
+    scores = 2 * 64 * 128 + 2 * 64 * 128  # 64 keys on average, QK^T and AV over 128 channels
+    f = flops_per_token(m, vocab_size=2048)
+    assert f.attention_projections == 2 * 2 * (q + k + v + o) == 2 * 49152
+    assert f.attention_scores == 2 * scores == 2 * 32768
+    same_width = flops_per_token(ModelConfig(**{**m.__dict__, "head_dim": 16}), 2048)
+    assert same_width == flops_per_token(ModelConfig(**{**m.__dict__, "head_dim": None}), 2048)
+
+
 def test_moe_hand_count() -> None:
     """4 experts of SwiGLU 128, top-2: each token runs 2 experts plus the router."""
     m = ModelConfig(

@@ -67,3 +67,53 @@ def test_cli_writes_a_png_headless(plot_run, tmp_path: Path) -> None:
 def test_missing_run_is_a_clear_error(plot_run, tmp_path: Path, capsys) -> None:
     assert plot_run.main([str(tmp_path / "nope"), "-o", str(tmp_path / "x.png")]) == 2
     assert f"{tmp_path / 'nope' / 'metrics.jsonl'} does not exist" in capsys.readouterr().err
+
+
+SCHEDULES = [
+    "configs/tiny.yaml:train.decay_style=cosine",
+    "configs/tiny.yaml:train.decay_style=linear",
+    "configs/tiny.yaml:train.decay_style=wsd,train.wsd_decay_iters=12",
+    "configs/tiny.yaml:train.decay_style=inverse-square-root",
+]
+
+
+def test_schedules_are_plotted_without_training(plot_run, tmp_path: Path) -> None:
+    from megatron_forge.config import load_config
+    from megatron_forge.training.optim import lr_curve
+
+    fig = plot_run.plot_schedules(SCHEDULES)
+    (ax,) = fig.axes
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+        "train.decay_style=cosine",
+        "train.decay_style=linear",
+        "train.decay_style=wsd,train.wsd_decay_iters=12",
+        "train.decay_style=inverse-square-root",
+    ]
+    for spec, line in zip(SCHEDULES, ax.get_lines()):
+        path, overrides = plot_run.parse_schedule(spec)
+        assert list(line.get_xdata()) == list(range(1, 61))  # tiny: 60 steps
+        assert list(line.get_ydata()) == lr_curve(load_config(path, overrides))
+    wsd = list(ax.get_lines()[2].get_ydata())
+    assert wsd[5:48] == [3e-3] * 43 and wsd[-1] == pytest.approx(3e-4)  # stable, decayed
+    out = tmp_path / "lr.png"
+    assert plot_run.main(["--schedules", *SCHEDULES, "-o", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_ramp_up_adds_the_batch_size_panel(plot_run) -> None:
+    spec = "configs/tiny.yaml:train.rampup_batch_size=[4,4,64],train.micro_batch_size=4"
+    assert plot_run.parse_schedule(spec)[1] == [
+        "train.rampup_batch_size=[4,4,64]",
+        "train.micro_batch_size=4",
+    ]
+    lr_ax, batch_ax = plot_run.plot_schedules([spec], ["ramp"]).axes
+    # 4 a step until 16 samples are consumed past each of the 3 increments (64 / 3 each)
+    assert list(batch_ax.get_lines()[0].get_ydata())[:12] == [4] * 6 + [8] * 3 + [12, 12, 16]
+
+
+def test_bad_schedule_is_a_clear_error(plot_run, tmp_path: Path, capsys) -> None:
+    argv = ["--schedules", "configs/tiny.yaml:train.decay_style=wsd", "-o", str(tmp_path / "x")]
+    assert plot_run.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.splitlines()) == 1
+    assert "train.decay_style=wsd needs train.wsd_decay_iters >= 1" in err

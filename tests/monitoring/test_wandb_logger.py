@@ -49,6 +49,7 @@ class FakeRun:
         self.fail_log = fail_log
         self.finished = False
         self.exit_code: int | None = None
+        self.alerts: list[tuple[str, str, str]] = []
 
     def _update(self, values: dict[str, Any], allow_val_change: bool = False) -> None:
         assert allow_val_change
@@ -61,6 +62,9 @@ class FakeRun:
 
     def finish(self, exit_code: int | None = None) -> None:
         self.finished, self.exit_code = True, exit_code
+
+    def alert(self, title: str, text: str, level: Any, wait_duration: int) -> None:
+        self.alerts.append((title, text, str(level.value)))
 
 
 def _cfg(tmp_path: Path, *overrides: str):
@@ -84,7 +88,9 @@ def _cfg(tmp_path: Path, *overrides: str):
 
 
 def _trainer(cfg) -> SimpleNamespace:
-    return SimpleNamespace(cfg=cfg, world_size=8, step=0, tokenizer=None)
+    return SimpleNamespace(
+        cfg=cfg, world_size=8, step=0, consumed_samples=0, tokenizer=None, callbacks=[]
+    )
 
 
 def _resumed(callback: WandbCallback, run_id: str) -> WandbCallback:
@@ -153,9 +159,15 @@ def test_failing_wandb_init_leaves_training_running(tmp_path, monkeypatch, capsy
         raise RuntimeError("simulated W&B outage")
 
     monkeypatch.setattr(wandb, "init", broken_init)
-    cfg = _cfg(tmp_path, "logging.wandb_mode=online", "logging.tensorboard=true")
+    # (straggler attribution times megatron-core's phases: it needs a real Trainer)
+    cfg = _cfg(
+        tmp_path,
+        "logging.wandb_mode=online",
+        "logging.tensorboard=true",
+        "logging.straggler_window=0",
+    )
     trainer = _trainer(cfg)
-    callbacks = build_callbacks(cfg)
+    callbacks = trainer.callbacks = build_callbacks(cfg)
     (wandb_cb,) = [cb for cb in callbacks if isinstance(cb, WandbCallback)]
     _resumed(wandb_cb, "keepme1")
     for cb in callbacks:
@@ -224,3 +236,65 @@ def test_failed_run_is_finished_as_failed(tmp_path, monkeypatch) -> None:
 def test_no_wandb_callback_when_off(tmp_path: Path, overrides: list[str]) -> None:
     callbacks = build_callbacks(_cfg(tmp_path, *overrides))
     assert not any(isinstance(cb, WandbCallback) for cb in callbacks)
+
+
+def _alerting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *overrides: str):
+    run = FakeRun("alerts01")
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: run)
+    cfg = _cfg(tmp_path, "logging.wandb_mode=offline", *overrides)
+    callback, trainer = WandbCallback(cfg), _trainer(cfg)
+    trainer.callbacks = [callback]
+    callback.on_train_start(trainer)
+    return run, callback, trainer
+
+
+def test_events_become_wandb_alerts(tmp_path, monkeypatch) -> None:
+    run, callback, trainer = _alerting(tmp_path, monkeypatch)
+    for kind in ("loss_spike", "rollback", "nonfinite_stop", "straggler"):
+        callback.on_event(trainer, {"event": kind, "step": 7, "message": f"{kind} at step 7"})
+    where = str(tmp_path / "run")
+    assert run.alerts == [
+        ("Loss spike", f"{where}: loss_spike at step 7", "WARN"),
+        ("Stopped: NaN/inf steps", f"{where}: nonfinite_stop at step 7", "ERROR"),
+        ("Straggler", f"{where}: straggler at step 7", "WARN"),
+    ]  # a rollback is no alert
+    assert not run.finished
+
+
+def test_no_alerts_when_switched_off(tmp_path, monkeypatch) -> None:
+    run, callback, trainer = _alerting(tmp_path, monkeypatch, "logging.wandb_alerts=false")
+    callback.on_event(trainer, {"event": "loss_spike", "step": 7, "message": "spike"})
+    assert run.alerts == []
+
+
+def test_hang_is_alerted_and_the_run_finished_before_the_exit(tmp_path, monkeypatch) -> None:
+    from megatron_forge.training.watchdog import HangWatchdog
+
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    run, callback, trainer = _alerting(tmp_path, monkeypatch)
+    watchdog = HangWatchdog(tmp_path / "run", 60, 0)
+    exits: list[int] = []
+    watchdog.exit_process = exits.append
+    watchdog.trainer, watchdog.step = trainer, 5
+    watchdog._fire()  # as its thread does after train.hang_timeout_s without progress
+    assert exits == [4]
+    ((title, text, level),) = run.alerts
+    assert (title, level) == ("Hang: exiting", "ERROR")
+    assert "made no progress for" in text and "last step 5" in text
+    assert run.finished and run.exit_code == 4  # the process exits without close
+
+
+def test_preemption_is_alerted(tmp_path, monkeypatch) -> None:
+    import signal
+
+    from megatron_forge.training.preemption import Preempted, PreemptionHandler
+
+    run, callback, trainer = _alerting(tmp_path, monkeypatch)
+    handler = PreemptionHandler(None, 0)
+    handler.received = signal.SIGTERM
+    trainer.step = 3
+    with pytest.raises(Preempted):
+        handler.on_step_end(trainer, {"step": 3})
+    ((title, text, level),) = run.alerts
+    assert (title, level) == ("Preempted", "WARN")
+    assert "SIGTERM at step 3: no checkpoint saved; not requeued" in text

@@ -58,10 +58,10 @@ def test_needs_vocab_size(tmp_path) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_gpu_llama_1b_bf16_and_fp8(tmp_path) -> None:
+def test_gpu_llama3_2_1b_bf16_and_fp8(tmp_path) -> None:
     proc = _run(
         "--config",
-        "configs/llama_1b.yaml",
+        "configs/llama3_2_1b.yaml",
         "--steps",
         "10",
         "--warmup",

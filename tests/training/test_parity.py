@@ -38,6 +38,7 @@ COMMON = [
     "logging.log_interval=1",
 ]
 
+TP2_PP2 = ["parallel.tensor=2", "parallel.pipeline=2"]
 LAYOUTS = {
     "dense": (
         "configs/tiny.yaml",
@@ -54,7 +55,14 @@ LAYOUTS = {
         },
     ),
     "moe": ("configs/tiny_moe.yaml", {"EP2": ["parallel.expert=2"]}),
+    # The newer dense shapes in one 8-rank run each (TP 2 x PP 2 x DP 2): Llama 3's scaled
+    # RoPE and tied embeddings, Qwen3's QK-norm (whose weights are replicated over TP and
+    # need their gradients all-reduced there) and heads of their own size.
+    "llama3": ("configs/tiny_llama3.yaml", {"TP2_PP2_DP2": TP2_PP2}),
+    "qwen3": ("configs/tiny_qwen3.yaml", {"TP2_PP2_DP2": TP2_PP2}),
 }
+WORLD = {"TP2_PP2_DP2": 8}
+"""Ranks of a layout (default 2)."""
 
 
 def _curve(records: list[dict]) -> list[tuple[float, float]]:
@@ -93,7 +101,8 @@ CASES = [(family, name) for family, (_, layouts) in LAYOUTS.items() for name in 
 def test_layout_matches_single_process(family, layout, baseline, train_runner):
     load, single, root = baseline(family)
     config, layouts = LAYOUTS[family]
-    curve = _curve(train_runner(2, config, load + layouts[layout], root / layout))
+    world = WORLD.get(layout, 2)
+    curve = _curve(train_runner(world, config, load + layouts[layout], root / layout))
     worst_loss = max(abs(a[0] - b[0]) / abs(b[0]) for a, b in zip(curve, single))
     worst_gn = max(abs(a[1] - b[1]) / abs(b[1]) for a, b in zip(curve, single))
     print(f"{family} {layout}: max rel diff loss {worst_loss:.2e}, grad norm {worst_gn:.2e}")

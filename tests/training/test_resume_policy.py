@@ -53,6 +53,33 @@ def test_a_new_global_batch_size_shows_in_samples() -> None:
     ]
 
 
+def test_wsd_fields_are_named_as_in_the_config() -> None:
+    saved = {
+        **SCHEDULER,
+        "lr_decay_style": "WSD",
+        "wsd_decay_steps": 160,
+        "lr_wsd_decay_style": "minus_sqrt",
+    }
+    wanted = {**saved, "wsd_decay_steps": 80, "lr_wsd_decay_style": "linear"}
+    assert hparam_differences(saved, wanted, TRAIN, TRAIN) == [
+        "  train.wsd_decay_iters: 20 -> 10 (160 -> 80 samples)",
+        "  train.wsd_decay_style: 1-sqrt -> linear",
+    ]
+    # a config that is not WSD has no decay phase to compare: its style says it all
+    assert hparam_differences(saved, SCHEDULER, TRAIN, TRAIN) == [
+        "  train.decay_style: wsd -> cosine"
+    ]
+
+
+def test_lengths_show_in_samples_with_a_batch_ramp_up() -> None:
+    wanted = {**SCHEDULER, "lr_decay_steps": 1600}
+    ramp = {**TRAIN, "rampup_batch_size": [2, 2, 100]}
+    assert hparam_differences(SCHEDULER, wanted, ramp, ramp) == [
+        "  train.decay_iters (unset: train.train_iters): 800 samples -> 1600 samples "
+        "(800 -> 1600 samples)"
+    ]
+
+
 def test_resume_hparams_takes_config_or_checkpoint() -> None:
     assert load_config(None, ["train.resume_hparams=config"]).train.resume_hparams == "config"
     assert load_config(None, []).train.resume_hparams is None

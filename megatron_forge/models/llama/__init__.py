@@ -1,4 +1,5 @@
-"""Llama: the dense decoder (RMSNorm, SwiGLU, RoPE, GQA, no biases) <-> LlamaForCausalLM."""
+"""Llama: the dense decoder (RMSNorm, SwiGLU, RoPE, GQA, no biases) <-> LlamaForCausalLM;
+Llama 3.x: RoPE scaling (model.rope_scaling), tied embeddings (3.2), explicit head_dim."""
 
 from __future__ import annotations
 
@@ -34,10 +35,15 @@ class Llama(ModelFamily):
         }
 
     def model_fields(self, config: dict[str, Any]) -> dict[str, Any]:
+        resolved = hf.read_hf_config(config, self.hf_model_type)
         for flag in ("attention_bias", "mlp_bias"):
-            if config.get(flag):
+            if getattr(resolved, flag):
                 raise ConvertError(f"{self.hf_architecture} with {flag}=true is not supported")
-        return {"family": self.name, **hf.common_model_fields(config)}
+        return {"family": self.name, **hf.common_model_fields(resolved)}
+
+    def check_config(self, model: ModelConfig) -> None:
+        super().check_config(model)
+        hf.refuse_qk_layernorm(self, model)
 
     def weight_rules(self, model: ModelConfig, vocab_size: int, padded_vocab: int) -> list[Rule]:
         return hf.dense_rules(model, vocab_size, padded_vocab, qkv_bias=False)

@@ -10,7 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from megatron_forge.config import ModelConfig
-from megatron_forge.errors import ConvertError
+from megatron_forge.config.schema import ROPE_SCALING_FIELDS
+from megatron_forge.errors import ConfigError, ConvertError
 from megatron_forge.models.mapping import (
     Rule,
     head_dim,
@@ -49,55 +50,111 @@ def common_hf_config(model: ModelConfig, vocab_size: int, intermediate: int) -> 
         "max_position_embeddings": model.max_position_embeddings,
         "initializer_range": model.init_method_std,
         "rms_norm_eps": model.norm_epsilon,
-        # rope_theta for older readers (vLLM, TRT-LLM, transformers 4.x); rope_parameters
-        # is transformers 5's field.
-        "rope_theta": model.rotary_base,
-        "rope_scaling": None,
-        "rope_parameters": {"rope_type": "default", "rope_theta": model.rotary_base},
+        **rope_hf_config(model),
         "attention_dropout": 0.0,
         "tie_word_embeddings": not model.untie_embeddings,
         "use_cache": True,
     }
 
 
-def rope_theta(hf: dict[str, Any]) -> float:
-    """RoPE base from either config style; refuses scaled RoPE (our model has none)."""
-    params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling")
-    rope_type = params.get("rope_type", "default")
-    if scaling or rope_type not in ("default", None):
-        raise ConvertError(
-            f"RoPE scaling {scaling or params} is not supported by megatron_forge's model "
-            "config (plain RoPE only); converting would change the model's outputs"
-        )
-    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
-
-
-def common_model_fields(hf: dict[str, Any]) -> dict[str, Any]:
-    """ModelConfig fields of a Llama-block HF config (shared by every family here)."""
-    heads = hf["num_attention_heads"]
-    if hf.get("head_dim") not in (None, hf["hidden_size"] // heads):
-        raise ConvertError(
-            f"head_dim={hf['head_dim']} differs from hidden_size / num_attention_heads = "
-            f"{hf['hidden_size'] // heads}; megatron_forge's model config cannot express it"
-        )
-    if hf.get("hidden_act", "silu") != "silu":
-        raise ConvertError(f"hidden_act={hf['hidden_act']!r} is not supported (SwiGLU/silu only)")
-    max_positions = hf.get("max_position_embeddings", 4096)
+def rope_hf_config(model: ModelConfig) -> dict[str, Any]:
+    """RoPE in both spellings: ``rope_theta`` and ``rope_scaling`` (the hub's Llama 3.1
+    form, which transformers 4.x, vLLM and TensorRT-LLM read) and ``rope_parameters``
+    (transformers 5, which prefers it and reads the 4.x form when it is absent)."""
+    scaling = model.rope_scaling
+    fields = {} if scaling is None else scaling.to_dict()
+    rope_type = fields.pop("type", "default")
     return {
-        "num_layers": hf["num_hidden_layers"],
-        "hidden_size": hf["hidden_size"],
-        "ffn_hidden_size": hf["intermediate_size"],
+        "rope_theta": model.rotary_base,
+        "rope_scaling": {"rope_type": rope_type, **fields} if scaling is not None else None,
+        "rope_parameters": {"rope_type": rope_type, "rope_theta": model.rotary_base, **fields},
+    }
+
+
+def read_hf_config(config: dict[str, Any], model_type: str) -> Any:
+    """config.json as transformers itself reads it for ``model_type``: the transformers
+    config class fills what the file omits with that architecture's own defaults (Mixtral's
+    rms_norm_eps is not Llama's) and turns either RoPE spelling (transformers 4's
+    ``rope_scaling`` + ``rope_theta``, transformers 5's ``rope_parameters``) into
+    ``rope_parameters``. ConvertError when transformers cannot read the file."""
+    from transformers import CONFIG_MAPPING
+
+    fields = {k: v for k, v in config.items() if k != "model_type"}
+    try:
+        return CONFIG_MAPPING[model_type].from_dict(fields)
+    except Exception as err:  # transformers raises KeyError, ValueError, its own errors
+        raise ConvertError(
+            f"config.json: transformers cannot read it as a {model_type!r} config "
+            f"({type(err).__name__}: {err}); fix the field it names"
+        ) from None
+
+
+def rope_fields(hf: Any) -> dict[str, Any]:
+    """``rotary_base`` and ``rope_scaling`` of a transformers config; ConvertError for a
+    RoPE type we do not implement (converting would change the model's outputs)."""
+    params = getattr(hf, "rope_parameters", None)
+    if params is None:  # transformers 4.x: rope_theta beside rope_scaling
+        params = {"rope_type": "default", **(hf.rope_scaling or {}), "rope_theta": hf.rope_theta}
+    params = dict(params)
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ConvertError(
+            f"rope_parameters.partial_rotary_factor={params['partial_rotary_factor']} is not "
+            "supported (RoPE over the whole head only)"
+        )
+    if rope_type not in ("default", *ROPE_SCALING_FIELDS):
+        raise ConvertError(
+            f"RoPE scaling of type {rope_type!r} ({params}) is not supported; supported: "
+            f"{['default', *ROPE_SCALING_FIELDS]}. Converting it as another type would "
+            "change the model's outputs"
+        )
+    scaling = None
+    if rope_type != "default":
+        needed = ROPE_SCALING_FIELDS[rope_type]
+        missing = [name for name in needed if params.get(name) is None]
+        if missing:
+            raise ConvertError(
+                f"RoPE scaling of type {rope_type!r} lacks {', '.join(missing)} in config.json "
+                f"(rope_scaling / rope_parameters: {params})"
+            )
+        scaling = {"type": rope_type, **{name: params[name] for name in needed}}
+    return {"rotary_base": float(params["rope_theta"]), "rope_scaling": scaling}
+
+
+def common_model_fields(hf: Any) -> dict[str, Any]:
+    """ModelConfig fields of a Llama-block family's transformers config (see
+    :func:`read_hf_config`), shared by every family here."""
+    heads = hf.num_attention_heads
+    if hf.hidden_act != "silu":
+        raise ConvertError(f"hidden_act={hf.hidden_act!r} is not supported (SwiGLU/silu only)")
+    # As the transformers attention modules size their heads.
+    head_size = getattr(hf, "head_dim", None) or hf.hidden_size // heads
+    max_positions = hf.max_position_embeddings
+    return {
+        "num_layers": hf.num_hidden_layers,
+        "hidden_size": hf.hidden_size,
+        "ffn_hidden_size": hf.intermediate_size,
         "num_attention_heads": heads,
-        "num_query_groups": hf.get("num_key_value_heads") or heads,
+        "num_query_groups": getattr(hf, "num_key_value_heads", None) or heads,
+        "head_dim": None if head_size * heads == hf.hidden_size else head_size,
         "seq_length": min(max_positions, 4096),
         "max_position_embeddings": max_positions,
-        "rotary_base": rope_theta(hf),
-        "norm_epsilon": hf.get("rms_norm_eps", 1e-6),
-        "vocab_size": hf["vocab_size"],
-        "untie_embeddings": not hf.get("tie_word_embeddings", False),
-        "init_method_std": hf.get("initializer_range", 0.02),
+        **rope_fields(hf),
+        "norm_epsilon": hf.rms_norm_eps,
+        "vocab_size": hf.vocab_size,
+        "untie_embeddings": not hf.tie_word_embeddings,
+        "init_method_std": hf.initializer_range,
     }
+
+
+def refuse_qk_layernorm(family: Any, model: ModelConfig) -> None:
+    """The rule of families whose Hugging Face architecture has no QK-norm."""
+    if model.qk_layernorm:
+        raise ConfigError(
+            f"model.qk_layernorm=true is not part of model.family={family.name} "
+            f"({family.hf_architecture} has no QK-norm, so its exports would lose it); use "
+            "model.family=qwen3 for a dense model with QK-norm, or set model.qk_layernorm=false"
+        )
 
 
 # Weights ----------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Llama-style dense decoder: RMSNorm, SwiGLU, RoPE (rotate-half), GQA, no biases."""
+"""Llama-style dense decoder: RMSNorm, SwiGLU, RoPE (rotate-half, optionally scaled: see
+models/rope.py), GQA, no biases; the head size and a per-head QK-norm are config fields."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ def architecture(model: ModelConfig) -> dict[str, Any]:
         ffn_hidden_size=model.ffn_hidden_size,
         num_attention_heads=model.num_attention_heads,
         num_query_groups=model.num_query_groups,
+        kv_channels=model.attention_head_dim,
+        qk_layernorm=model.qk_layernorm,
         normalization="RMSNorm",
         layernorm_epsilon=model.norm_epsilon,
         gated_linear_unit=True,

@@ -38,8 +38,9 @@ class Mixtral(ModelFamily):
         }
 
     def model_fields(self, config: dict[str, Any]) -> dict[str, Any]:
-        fields = llama.common_model_fields(config)
-        window = config.get("sliding_window")
+        resolved = llama.read_hf_config(config, self.hf_model_type)
+        fields = llama.common_model_fields(resolved)
+        window = resolved.sliding_window
         if window and window < fields["max_position_embeddings"]:
             raise ConvertError(
                 f"{self.hf_architecture} with sliding_window={window} is not supported "
@@ -48,11 +49,15 @@ class Mixtral(ModelFamily):
         return {
             "family": self.name,
             **fields,
-            "num_experts": config["num_local_experts"],
-            "moe_router_topk": config["num_experts_per_tok"],
-            "moe_ffn_hidden_size": config["intermediate_size"],
-            "moe_aux_loss_coeff": config.get("router_aux_loss_coef", 0.01),
+            "num_experts": resolved.num_local_experts,
+            "moe_router_topk": resolved.num_experts_per_tok,
+            "moe_ffn_hidden_size": resolved.intermediate_size,
+            "moe_aux_loss_coeff": resolved.router_aux_loss_coef,
         }
+
+    def check_config(self, model: ModelConfig) -> None:
+        super().check_config(model)
+        llama.refuse_qk_layernorm(self, model)
 
     def weight_rules(self, model: ModelConfig, vocab_size: int, padded_vocab: int) -> list[Rule]:
         return moe_rules(model, vocab_size, padded_vocab)

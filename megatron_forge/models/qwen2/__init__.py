@@ -34,12 +34,17 @@ class Qwen2(ModelFamily):
         }
 
     def model_fields(self, config: dict[str, Any]) -> dict[str, Any]:
-        if config.get("use_sliding_window"):
+        resolved = llama.read_hf_config(config, self.hf_model_type)
+        if resolved.use_sliding_window:
             raise ConvertError(
                 f"{self.hf_architecture} with use_sliding_window=true is not supported "
                 "(full attention only)"
             )
-        return {"family": self.name, **llama.common_model_fields(config)}
+        return {"family": self.name, **llama.common_model_fields(resolved)}
+
+    def check_config(self, model: ModelConfig) -> None:
+        super().check_config(model)
+        llama.refuse_qk_layernorm(self, model)
 
     def weight_rules(self, model: ModelConfig, vocab_size: int, padded_vocab: int) -> list[Rule]:
         return llama.dense_rules(model, vocab_size, padded_vocab, qkv_bias=True)
