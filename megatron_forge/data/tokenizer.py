@@ -522,7 +522,9 @@ class GigatokenEncoder:
     encoded by `exact`, because gigatoken may treat the text around them differently.
     `normalize`, when given, turns a list of texts into what `config` encodes (the
     tokenizer's own normalizer, run in its library); without it texts may be pyarrow
-    string arrays, read without Python strings.
+    string arrays, read without Python strings. `ascii_config`, when given with `normalize`,
+    is a tokenizer.json that encodes ASCII-only texts without any of `ascii_excluded`
+    exactly, normalizer included (in Rust): those texts skip `normalize`.
 
     Memory: gigatoken's byte-level BPE keeps a cache of every distinct pretoken (word) it has
     encoded, across calls (measured: RSS +530 MB over 8M distinct words), so when this
@@ -540,6 +542,8 @@ class GigatokenEncoder:
         literals: tuple[str, ...] = (),
         probes: tuple[str, ...] = FAST_BACKEND_PROBES,
         normalize: Any = None,
+        ascii_config: dict[str, Any] | None = None,
+        ascii_excluded: str = "",
     ) -> None:
         try:
             import awkward  # gigatoken's result type
@@ -549,12 +553,16 @@ class GigatokenEncoder:
         self._ak, self._exact, self._normalize = awkward, exact, normalize
         self.literals = tuple(literals)
         self._config = json.dumps(config)
+        self._ascii_config = json.dumps(ascii_config) if ascii_config and normalize else None
+        excluded = "".join(f"\\x{ord(c):02x}" for c in sorted(ascii_excluded))
+        self._ascii_excluded = f"[{excluded}]" if excluded else None  # RE2 and Python syntax
         self._load = gigatoken.Tokenizer.from_json
+        self._tok = self._ascii_tok = None
         try:
-            self._tok = self._load(self._config).backend
+            self._load_backends()
         except Exception as e:  # gigatoken raises ValueError and others for what it lacks
             raise FastBackendUnavailable(f"gigatoken cannot load it ({e})") from None
-        self.loads, self._base_rss = 1, _rss_bytes()
+        self.loads = 1
         probes = [p for p in probes if not any(literal in p for literal in self.literals)]
         flat, lengths = self._encode(probes)
         for text, ids in zip(probes, np.split(flat, np.cumsum(lengths)[:-1]), strict=True):
@@ -563,22 +571,75 @@ class GigatokenEncoder:
 
     @property
     def takes_arrow(self) -> bool:
-        return self._normalize is None
+        return self._normalize is None or self._ascii_config is not None
+
+    def _load_backends(self) -> None:
+        self._tok = self._ascii_tok = None  # drops gigatoken's pretoken caches first
+        self._tok = self._load(self._config).backend
+        if self._ascii_config is not None:
+            try:
+                self._ascii_tok = self._load(self._ascii_config).backend
+            except Exception:  # a normalizer gigatoken lacks: `normalize` takes every text
+                self._ascii_config = None
+        self._base_rss = _rss_bytes()
 
     def _encode(self, texts: Any) -> tuple[np.ndarray, np.ndarray]:
         if _rss_bytes() - self._base_rss > self.max_growth_bytes:
-            self._tok = None  # drops gigatoken's pretoken cache before loading a new one
-            self._tok = self._load(self._config).backend
-            self.loads, self._base_rss = self.loads + 1, _rss_bytes()
+            self._load_backends()
+            self.loads += 1
+        if self._normalize is None:
+            return self._run(self._tok, texts)
+        if self._ascii_tok is None:
+            return self._run(self._tok, self._normalized(texts))
+        ascii_ = self._ascii_mask(texts)
+        if ascii_.all():
+            return self._run(self._ascii_tok, texts)
+        if not ascii_.any():
+            return self._run(self._tok, self._normalized(texts))
+        parts = [
+            self._run(self._ascii_tok, _select(texts, ascii_)),
+            self._run(self._tok, self._normalized(_select(texts, ~ascii_))),
+        ]
+        lengths = np.empty(len(ascii_), np.int64)
+        lengths[ascii_], lengths[~ascii_] = parts[0][1], parts[1][1]
+        flat = np.empty(int(lengths.sum()), np.result_type(parts[0][0], parts[1][0]))
+        starts = np.cumsum(lengths) - lengths
+        for (part_flat, part_lengths), mask in zip(parts, (ascii_, ~ascii_), strict=True):
+            # each document's ids go to its own place among all documents' ids
+            within = np.arange(part_flat.size) - np.repeat(
+                np.cumsum(part_lengths) - part_lengths, part_lengths
+            )
+            flat[np.repeat(starts[mask], part_lengths) + within] = part_flat
+        return flat, lengths
+
+    def _ascii_mask(self, texts: Any) -> np.ndarray:
+        """Which texts `ascii_config` encodes: ASCII, and none of `ascii_excluded`."""
+        if isinstance(texts, list):
+            ascii_ = np.fromiter(map(str.isascii, texts), bool, len(texts))
+            if self._ascii_excluded is not None:
+                import re
+
+                excluded = re.compile(self._ascii_excluded).search
+                ascii_ &= np.fromiter((not excluded(t) for t in texts), bool, len(texts))
+            return ascii_
+        import pyarrow.compute as pc
+
+        ascii_ = pc.string_is_ascii(texts)
+        if self._ascii_excluded is not None:
+            hit = pc.match_substring_regex(texts, self._ascii_excluded)
+            ascii_ = pc.and_(ascii_, pc.invert(hit))
+        return ascii_.to_numpy(zero_copy_only=False)
+
+    def _normalized(self, texts: Any) -> list[str]:
         if not isinstance(texts, list):
-            if self._normalize is not None:
-                texts = texts.to_pylist()
-            else:
-                texts = self._awkward_strings(texts)
-        if self._normalize is not None and texts:
-            texts = self._normalize(texts)
+            texts = texts.to_pylist()
+        return self._normalize(texts) if texts else texts
+
+    def _run(self, tok: Any, texts: Any) -> tuple[np.ndarray, np.ndarray]:
+        if not isinstance(texts, list):
+            texts = self._awkward_strings(texts)
         # parallel=False: one thread; preprocessing parallelizes with processes.
-        rows = self._tok.encode_batch(texts, parallel=False)
+        rows = tok.encode_batch(texts, parallel=False)
         flat = self._ak.flatten(rows).to_numpy()
         return flat, self._ak.num(rows, axis=1).to_numpy().astype(np.int64)
 
@@ -646,6 +707,15 @@ class GigatokenEncoder:
         return set(np.searchsorted(ends, hits, side="right").tolist())
 
 
+def _select(texts: Any, mask: np.ndarray) -> Any:
+    """The texts where `mask` is true, as a list or a pyarrow array like `texts`."""
+    if isinstance(texts, list):
+        return [text for text, keep in zip(texts, mask.tolist(), strict=True) if keep]
+    import pyarrow as pa
+
+    return texts.filter(pa.array(mask))
+
+
 def _rss_bytes() -> int:
     """This process's resident memory."""
     import psutil
@@ -691,7 +761,10 @@ def gigatoken_for_sentencepiece(
     config["added_tokens"] = [t for t in config["added_tokens"] if t["content"] not in not_text]
     probes = (*FAST_BACKEND_PROBES, *(f"a {p} b {p}" for p in sorted(not_text)))
     normalize = sp.normalize if prenormalize else None
-    return GigatokenEncoder(config, sp.encode, literals, probes, normalize)
+    ascii_config, excluded = None, ""
+    if prenormalize and (ascii_rules := spm_ascii_normalizer(proto)) is not None:
+        ascii_config, excluded = {**config, "normalizer": ascii_rules[0]}, ascii_rules[1]
+    return GigatokenEncoder(config, sp.encode, literals, probes, normalize, ascii_config, excluded)
 
 
 def gigatoken_for_tokenizer_json(tok: HFTokenizerModel) -> GigatokenEncoder:
@@ -732,6 +805,88 @@ def spm_normalizes(proto: Any) -> bool:
         or norm.precompiled_charsmap
         or norm.remove_extra_whitespaces
     )
+
+
+def spm_ascii_normalizer(proto: Any) -> tuple[dict[str, Any], str] | None:
+    """A tokenizer.json normalizer that normalizes ASCII-only text without the characters
+    returned with it exactly as the SentencePiece model does, or None where that cannot be
+    shown from its charsmap.
+
+    On ASCII text a charsmap can only apply its rules for single ASCII characters (checked:
+    no rule for two or more ASCII characters); nmt_nfkc maps tab, newline, form feed and
+    carriage return to a space and drops the other control characters. The rules for tab,
+    newline and carriage return are in the normalizer (one pass each); texts with another
+    character that has a rule (rare control characters) are left out. Then
+    `remove_extra_whitespaces` removes leading and trailing spaces and collapses runs, the
+    dummy prefix is added, and spaces become "▁". Models that keep extra whitespace are left
+    to sentencepiece's own normalizer (it adds the dummy prefix even to text its rules
+    delete, which a tokenizer.json cannot express).
+    """
+    spec = proto.normalizer_spec
+    if not (spec.remove_extra_whitespaces and spec.escape_whitespaces):
+        return None
+    if proto.trainer_spec.treat_whitespace_as_suffix:
+        return None
+    rules = charsmap_ascii_rules(spec.precompiled_charsmap) if spec.precompiled_charsmap else {}
+    if rules is None:
+        return None
+    for target in rules.values():
+        # applied once, as sentencepiece does: no replacement may be replaced again
+        if not target.isascii() or "  " in target or any(c in rules for c in target):
+            return None
+    common = {c: target for c, target in rules.items() if c in "\t\n\r"}
+    kept = {chr(i) for i in range(128)} - set(rules)
+    left = kept | {c for target in common.values() for c in target}
+    if any(c.isspace() and c != " " for c in left):  # Strip would take them too
+        return None
+    steps: list[dict[str, Any]] = [
+        {"type": "Replace", "pattern": {"String": source}, "content": target}
+        for source, target in sorted(common.items())
+    ]
+    steps.append({"type": "Replace", "pattern": {"Regex": " {2,}"}, "content": " "})
+    steps.append({"type": "Strip", "strip_left": True, "strip_right": True})
+    if spec.add_dummy_prefix:
+        steps.append({"type": "Prepend", "prepend": "▁"})
+    steps.append({"type": "Replace", "pattern": {"String": " "}, "content": "▁"})
+    return {"type": "Sequence", "normalizers": steps}, "".join(sorted(set(rules) - set(common)))
+
+
+def charsmap_ascii_rules(blob: bytes) -> dict[str, str] | None:
+    """What a SentencePiece precompiled charsmap maps each ASCII character to (those it
+    changes), or None if it has a rule for a sequence of two or more ASCII characters.
+
+    The charsmap is a darts-clone double array over the UTF-8 bytes of the rules' sources
+    (each unit: label, offset, has_leaf; a leaf's value is an offset into the
+    null-terminated targets that follow the array).
+    """
+    import struct
+
+    (trie_bytes,) = struct.unpack_from("<I", blob, 0)
+    units = np.frombuffer(blob, "<u4", trie_bytes // 4, 4).astype(np.int64)
+    targets = blob[4 + trie_bytes :]
+
+    def offset(pos: int) -> int:
+        unit = int(units[pos])
+        return (unit >> 10) << ((unit & (1 << 9)) >> 6)
+
+    def child(base: int, byte: int) -> int | None:
+        pos = base ^ byte
+        ok = pos < len(units) and int(units[pos]) & ((1 << 31) | 0xFF) == byte
+        return pos if ok else None
+
+    rules = {}
+    root = offset(0)
+    for byte in range(1, 128):
+        node = child(root, byte)
+        if node is None:
+            continue
+        base = node ^ offset(node)
+        if any(child(base, second) is not None for second in range(1, 128)):
+            return None
+        if (int(units[node]) >> 8) & 1:  # has_leaf: the rule for this one character
+            start = int(units[base]) & ((1 << 31) - 1)
+            rules[chr(byte)] = targets[start : targets.index(b"\x00", start)].decode("utf-8")
+    return rules
 
 
 def spm_piece_types(model_file: Path) -> list[tuple[str, int]]:

@@ -139,7 +139,7 @@ def test_dry_run_prints_config_layout_and_sbatch_script(
     out = capsys.readouterr().out
     assert "hidden_size: 4096" in out  # the resolved config
     assert "world=128 (16 nodes x 8) TP=8 PP=1 CP=1 EP=1 DP=16 microbatches=64" in out
-    assert "memory: 17.5 GB/GPU" in out
+    assert "memory: 7.5 GB/GPU" in out
     for line in [
         "#SBATCH --signal=USR2@120", "#SBATCH --requeue", "#SBATCH --nodes=16",
         "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8", "#SBATCH --time=240",
