@@ -12,15 +12,16 @@ Speed: `--workers N` processes parse and tokenize chunks of records, each with o
 into the tokenizer that returns numpy arrays: the Rust `gigatoken` package when it is
 installed and encodes the tokenizer exactly (checked at load; see
 megatron_forge.data.tokenizer.GigatokenEncoder): SentencePiece BPE models with byte fallback
-and any normalization (nmt_nfkc models are normalized by sentencepiece itself first) and
-Hugging Face tokenizer.json BPE tokenizers. Otherwise (unigram models, say) SentencePiece's
-list encode or the `tokenizers` library's `encode_batch_fast`; `--tokenizer-backend native`
-forces the latter. The summary line names the backend, and why gigatoken was not used.
-jsonl chunks are parsed by Arrow's JSON reader (line by line with json.loads when a chunk has
-a bad record, for its exact message), and with gigatoken the texts stay Arrow arrays, never
-Python strings (except for a SentencePiece normalizer). The main process only reads (whole
-blocks, not lines), decompresses and writes; nothing imports torch. Results are written in input order, so
-the output is byte-identical for any number of workers. At most `4 x workers` chunks are in
+and any normalization (for nmt_nfkc, ASCII documents are normalized in Rust too, the others
+by sentencepiece itself first) and Hugging Face tokenizer.json BPE tokenizers. Otherwise
+(unigram models, say) SentencePiece's list encode or the `tokenizers` library's
+`encode_batch_fast`; `--tokenizer-backend native` forces the latter. The summary line names
+the backend, and why gigatoken was not used. jsonl chunks are parsed by Arrow's JSON reader
+(line by line with json.loads when a chunk has a bad record, for its exact message), and
+with gigatoken the texts stay Arrow arrays, never Python strings (except non-ASCII documents
+for a SentencePiece normalizer). The main process only reads (whole blocks, not lines),
+decompresses and writes; nothing imports torch. Results are written in input order, so the
+output is byte-identical for any number of workers. At most `4 x workers` chunks are in
 flight and the index is built from a spooled file, so memory stays flat however large the
 input is. Progress lines report docs/s and tokens/s; tools/bench_preprocess.py measures it
 against Megatron-LM's strategies.
@@ -78,8 +79,9 @@ warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not i
 
 MAX_BAD_RECORDS_SHOWN = 10
 NATIVE_CHUNK_LINES = 1024
-# gigatoken's single-thread batch encode starts each call with a cold pretoken cache: on the
-# sample corpus 1 MiB batches run at ~20 MB/s, 8 MiB at ~45, 16 MiB at ~55.
+# gigatoken's SentencePiece batch encode starts each call with a cold cache: on the sample
+# corpus 1 MiB batches run at ~20 MB/s, 8 MiB at ~45, 16 MiB at ~55 (its byte-level BPE keeps
+# its cache across calls; GigatokenEncoder bounds that).
 FAST_CHUNK_BYTES = 16 << 20
 
 

@@ -458,7 +458,11 @@ class HFTokenizer(Tokenizer):
         A copied tokenizer_config.json / tokenizer.json keeps its own BOS rule (Llama 3's
         post-processor adds <|begin_of_text|>, for example), while `tokenize` adds nothing.
         The config gets `split_special_tokens: true`, so transformers encodes special tokens
-        typed in text as plain text, as training did (the post-processor still adds BOS/EOS).
+        typed in text as plain text, as training did (the post-processor still adds BOS/EOS),
+        unless the tokenizer has a chat template: transformers renders a chat to text with
+        its control tokens typed in and encodes that with the same setting, so there it is
+        left as the source has it (texts typed with special-token strings then encode
+        differently from training; transformers' `sanitize_control_tokens` covers user input).
         """
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -480,7 +484,9 @@ class HFTokenizer(Tokenizer):
             }
         else:
             config = dict(self._config)
-        write_json(out / "tokenizer_config.json", {**config, "split_special_tokens": True})
+        if not ("chat_template" in config or (out / "chat_template.jinja").is_file()):
+            config["split_special_tokens"] = True
+        write_json(out / "tokenizer_config.json", config)
         written.append(out / "tokenizer_config.json")
         return written
 

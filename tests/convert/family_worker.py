@@ -59,6 +59,15 @@ def _tp_logits(model: Any, tokens: torch.Tensor) -> torch.Tensor:
         return tensor_parallel.gather_from_tensor_model_parallel_region(local)
 
 
+def _tp_loss(model: Any, tokens: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss through GPTModel's own labels path (vocab-parallel cross
+    entropy over TP ranks, the padded vocabulary masked): what training reports."""
+    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+    positions = torch.arange(inputs.shape[1]).expand_as(inputs)
+    with torch.no_grad():
+        return model(inputs, positions, attention_mask=None, labels=labels).double().mean()
+
+
 def _pp_logits(model: Any, tokens: torch.Tensor) -> torch.Tensor | None:
     """The pipeline schedule's forward over one microbatch; the last stage's logits."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -101,6 +110,8 @@ def layout_logits(cfg: Any, ckpts: dict[str, str], tokens_path: str, out_dir: st
         for name, ckpt_dir in ckpts.items():
             model, vocab = _build(cfg, ckpt_dir)
             logits = _tp_logits(model, tokens) if layout == "tp2" else _pp_logits(model, tokens)
+            if layout == "tp2" and rank == 0:
+                torch.save(_tp_loss(model, tokens), Path(out_dir) / f"{name}_loss.pt")
             if logits is not None and (layout == "pp2" or rank == 0):
                 assert logits.shape[:2] == tokens.shape, (name, layout, logits.shape)
                 torch.save(logits[..., :vocab].contiguous(), Path(out_dir) / f"{name}_{layout}.pt")

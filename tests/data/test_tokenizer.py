@@ -277,6 +277,18 @@ def test_hf_tokenizer_never_matches_special_tokens_in_text(
         assert hf(text)["input_ids"] == [bos] + tok.tokenize(text)
         assert hf(text, add_special_tokens=False)["input_ids"] == tok.tokenize(text)
 
+    # With a chat template, transformers encodes the rendered chat (control tokens typed in)
+    # with the same setting: the export keeps the source's, so the template still works.
+    template = "{% for m in messages %}<|endoftext|>{{ m['content'] }}{% endfor %}"
+    (src / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
+    load_tokenizer(src).save_pretrained_files(tmp_path / "chat")
+    assert "split_special_tokens" not in json.loads(
+        (tmp_path / "chat" / "tokenizer_config.json").read_text()
+    )
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "chat")
+    chat = hf.apply_chat_template([{"role": "user", "content": "hi"}], return_dict=True)
+    assert chat["input_ids"] == [tok.eod, *tok.tokenize("hi")]
+
 
 @pytest.mark.slow
 def test_export_tokenizes_the_sample_corpus_like_training(sample_data: Path, tmp_path: Path):
