@@ -110,8 +110,10 @@ def layout_logits(cfg: Any, ckpts: dict[str, str], tokens_path: str, out_dir: st
         for name, ckpt_dir in ckpts.items():
             model, vocab = _build(cfg, ckpt_dir)
             logits = _tp_logits(model, tokens) if layout == "tp2" else _pp_logits(model, tokens)
-            if layout == "tp2" and rank == 0:
-                torch.save(_tp_loss(model, tokens), Path(out_dir) / f"{name}_loss.pt")
+            if layout == "tp2":  # both TP ranks take part in the vocab-parallel loss
+                loss = _tp_loss(model, tokens)
+                if rank == 0:
+                    torch.save(loss, Path(out_dir) / f"{name}_loss.pt")
             if logits is not None and (layout == "pp2" or rank == 0):
                 assert logits.shape[:2] == tokens.shape, (name, layout, logits.shape)
                 torch.save(logits[..., :vocab].contiguous(), Path(out_dir) / f"{name}_{layout}.pt")

@@ -86,7 +86,9 @@ def test_preempted_sbatch_job_requeues_and_resumes(
     second_run = log.split("(restart 1)", 1)[1]
     first = re.search(r"iteration\s+(\d+)/", second_run)
     assert first and int(first.group(1)) == step + 1, second_run[:2000]
-    assert [r["step"] for r in read_metrics(run_dir)] == list(range(1, NUM_STEPS + 1))
+    records = read_metrics(run_dir)
+    assert [r["step"] for r in records if "event" not in r] == list(range(1, NUM_STEPS + 1))
+    assert [r["step"] for r in records if r.get("event") == "preempted"] == [step]
     assert final_loss(run_dir) == pytest.approx(final_loss(uninterrupted["run_dir"]), rel=1e-5)
 
 
@@ -141,7 +143,9 @@ def test_preempted_submitit_job_requeues_and_resumes(sample_data: Path, tmp_path
     assert fields["JobState"] == "COMPLETED" and fields["Restarts"] == "1"
     step = int(re.search(r"SIGUSR2 at step (\d+): saved checkpoint", out).group(1))
     assert (run_dir / "checkpoints" / f"iter_{step:07d}").is_dir()
-    assert [r["step"] for r in read_metrics(run_dir)] == list(range(1, NUM_STEPS + 1))
+    records = read_metrics(run_dir)
+    assert [r["step"] for r in records if "event" not in r] == list(range(1, NUM_STEPS + 1))
+    assert [r["step"] for r in records if r.get("event") == "preempted"] == [step]
 
 
 def test_unknown_partition_is_one_line_and_submits_nothing(
