@@ -144,6 +144,7 @@ class Tokenizer(MegatronTokenizerBase):
         self._vocab: dict[str, int] | None = None
         self._inv_vocab: dict[int, str] | None = None
         self.fast_backend_error: str | None = None  # why use_fast_backend() found none
+        self._fast: GigatokenEncoder | None = None  # set by use_fast_backend()
 
     # Backend interface ---------------------------------------------------------------------
     def tokenize(self, text: str) -> list[int]:
@@ -159,6 +160,8 @@ class Tokenizer(MegatronTokenizerBase):
         text's number of ids. Backends that can skip the Python lists do. `texts` is a list
         of str, or a pyarrow string array (read without Python strings where `takes_arrow`).
         """
+        if self._fast is not None:
+            return self._fast.encode_flat(texts)
         if not isinstance(texts, list):
             texts = texts.to_pylist()
         ids = self.tokenize_batch(texts)
@@ -180,21 +183,30 @@ class Tokenizer(MegatronTokenizerBase):
             return append_eod_tokens(flat, lengths, self.eod)
         return flat, lengths
 
+    def _fast_encoder(self) -> GigatokenEncoder:
+        """The faster encoder of this tokenizer; FastBackendUnavailable says why there is none."""
+        raise FastBackendUnavailable(f"no faster library for {type(self).__name__}")
+
     def use_fast_backend(self) -> str | None:
         """Switch `tokenize_flat` to a faster library encoding the same ids, if there is one
         for this tokenizer; return its name, or None (`fast_backend_error` says why)."""
-        self.fast_backend_error = f"no faster library for {type(self).__name__}"
-        return None
+        if self._fast is None:
+            try:
+                self._fast = self._fast_encoder()
+            except FastBackendUnavailable as e:
+                self.fast_backend_error = str(e)
+                return None
+        return self.batch_backend
 
     @property
     def batch_backend(self) -> str:
         """The library `tokenize_flat` runs on."""
-        return self.library
+        return self.library if self._fast is None else "gigatoken"
 
     @property
     def takes_arrow(self) -> bool:
         """Whether `tokenize_flat` reads pyarrow string arrays without making Python strings."""
-        return False
+        return self._fast is not None and self._fast.takes_arrow
 
     def detokenize(self, ids: Any) -> str:
         """Return the text of `ids` (a list or a numpy array); special tokens are dropped."""
@@ -299,7 +311,6 @@ class SentencePieceTokenizer(Tokenizer):
             "unk_token": self._sp.unk_id(),
         }
         self._ids = {name: i for name, i in ids.items() if i >= 0}  # spm: -1 means disabled
-        self._fast: GigatokenEncoder | None = None
 
     def tokenize(self, text: str) -> list[int]:
         return self._sp.encode(text)
@@ -308,27 +319,8 @@ class SentencePieceTokenizer(Tokenizer):
         # One thread: preprocessing parallelizes with processes, one per core.
         return self._sp.encode(texts, num_threads=1)
 
-    def tokenize_flat(self, texts: Any) -> tuple[np.ndarray, np.ndarray]:
-        if self._fast is None:
-            return super().tokenize_flat(texts)
-        return self._fast.encode_flat(texts)
-
-    @property
-    def takes_arrow(self) -> bool:
-        return self._fast is not None and self._fast.takes_arrow
-
-    def use_fast_backend(self) -> str | None:
-        if self._fast is None:
-            try:
-                self._fast = gigatoken_for_sentencepiece(self.model_file, self._sp)
-            except FastBackendUnavailable as e:
-                self.fast_backend_error = str(e)
-                return None
-        return self.batch_backend
-
-    @property
-    def batch_backend(self) -> str:
-        return self.library if self._fast is None else "gigatoken"
+    def _fast_encoder(self) -> GigatokenEncoder:
+        return gigatoken_for_sentencepiece(self.model_file, self._sp)
 
     def detokenize(self, ids: Any) -> str:
         return self._sp.decode([int(i) for i in ids])
@@ -388,7 +380,6 @@ class HFTokenizer(Tokenizer):
         self.tokenizer_file = tokenizer_file
         self._tok = HFTokenizerModel.from_file(str(tokenizer_file))
         self._tok.encode_special_tokens = True
-        self._fast: GigatokenEncoder | None = None
         config_file = tokenizer_file.parent / "tokenizer_config.json"
         self._config = read_json(config_file) if config_file.is_file() else None
         self._ids = self._find_special_ids()
@@ -417,27 +408,8 @@ class HFTokenizer(Tokenizer):
         encodings = self._tok.encode_batch_fast(texts, add_special_tokens=False)
         return [encoding.ids for encoding in encodings]
 
-    def tokenize_flat(self, texts: Any) -> tuple[np.ndarray, np.ndarray]:
-        if self._fast is None:
-            return super().tokenize_flat(texts)
-        return self._fast.encode_flat(texts)
-
-    @property
-    def takes_arrow(self) -> bool:
-        return self._fast is not None and self._fast.takes_arrow
-
-    def use_fast_backend(self) -> str | None:
-        if self._fast is None:
-            try:
-                self._fast = gigatoken_for_tokenizer_json(self._tok)
-            except FastBackendUnavailable as e:
-                self.fast_backend_error = str(e)
-                return None
-        return self.batch_backend
-
-    @property
-    def batch_backend(self) -> str:
-        return self.library if self._fast is None else "gigatoken"
+    def _fast_encoder(self) -> GigatokenEncoder:
+        return gigatoken_for_tokenizer_json(self._tok)
 
     def detokenize(self, ids: Any) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)

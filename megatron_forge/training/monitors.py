@@ -58,16 +58,24 @@ ENDS_PROCESS = {"hang"}
 """Events after which the process exits at once (no ``close``): finish the runs now."""
 
 
-class WandbCallback(Callback):
-    """Logs each logged step's metrics and every evaluation to W&B; its run id is resumable
-    state, so a resumed or requeued job continues the same W&B run."""
+class RunTrackerCallback(Callback):
+    """What the W&B and MLflow callbacks share: each logged step's metrics and every
+    evaluation go to the tracker's run, whose id is resumable state (a resumed or requeued
+    job continues the same run); the run is finished as failed after an error or when the
+    process is about to exit at once (:data:`ENDS_PROCESS`). Subclasses set ``state_key``
+    and ``logger`` and say how to start and finish their run."""
 
-    state_key = "wandb"
+    logger: Any
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self.logger = WandbLogger(cfg)
         self.failed = False
+
+    def _start(self, trainer: Trainer) -> None:
+        raise NotImplementedError
+
+    def _finish(self, failed: bool) -> None:
+        raise NotImplementedError
 
     def state_dict(self) -> dict[str, Any]:
         return {"run_id": self.logger.run_id} if self.logger.run_id else {}
@@ -76,7 +84,7 @@ class WandbCallback(Callback):
         self.logger.run_id = state.get("run_id")
 
     def on_train_start(self, trainer: Trainer) -> None:
-        self.logger.start(trainer.world_size)
+        self._start(trainer)
 
     def on_step_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
         t = trainer.cfg.train
@@ -84,8 +92,35 @@ class WandbCallback(Callback):
             self.logger.log(metrics)
 
     def on_eval_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
-        self.logger.start(trainer.world_size)  # evaluation-only runs have no train start
+        self._start(trainer)  # evaluation-only runs have no train start
         self.logger.log(metrics)
+
+    def on_event(self, trainer: Trainer, event: dict[str, Any]) -> None:
+        if event.get("event") in ENDS_PROCESS:
+            self._finish(failed=True)
+
+    def on_error(self, trainer: Trainer, error: BaseException) -> None:
+        self.failed = True
+
+    def close(self, trainer: Trainer) -> None:
+        self._finish(failed=self.failed)
+
+
+class WandbCallback(RunTrackerCallback):
+    """The run tracker on W&B, which also gets an alert for each event in :data:`ALERTS`
+    (``logging.wandb_alerts``)."""
+
+    state_key = "wandb"
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__(cfg)
+        self.logger = WandbLogger(cfg)
+
+    def _start(self, trainer: Trainer) -> None:
+        self.logger.start(trainer.world_size)
+
+    def _finish(self, failed: bool) -> None:
+        self.logger.finish(exit_code=1 if failed else None)
 
     def on_event(self, trainer: Trainer, event: dict[str, Any]) -> None:
         kind = event.get("event")
@@ -95,51 +130,21 @@ class WandbCallback(Callback):
         if kind in ENDS_PROCESS:
             self.logger.finish(exit_code=EXIT_HUNG)
 
-    def on_error(self, trainer: Trainer, error: BaseException) -> None:
-        self.failed = True
 
-    def close(self, trainer: Trainer) -> None:
-        self.logger.finish(exit_code=1 if self.failed else None)
-
-
-class MlflowCallback(Callback):
-    """Logs each logged step's metrics and every evaluation to MLflow; its run id is
-    resumable state, so a resumed or requeued job continues the same MLflow run."""
+class MlflowCallback(RunTrackerCallback):
+    """The run tracker on MLflow (``logging.mlflow_experiment``)."""
 
     state_key = "mlflow"
 
     def __init__(self, cfg: Config) -> None:
-        self.cfg = cfg
+        super().__init__(cfg)
         self.logger = MlflowLogger(cfg)
-        self.failed = False
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"run_id": self.logger.run_id} if self.logger.run_id else {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.logger.run_id = state.get("run_id")
-
-    def on_train_start(self, trainer: Trainer) -> None:
+    def _start(self, trainer: Trainer) -> None:
         self.logger.start(trainer.world_size, trainer.step)
 
-    def on_step_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
-        t = trainer.cfg.train
-        if is_log_step(metrics["step"], self.cfg.logging.log_interval, t.train_iters):
-            self.logger.log(metrics)
-
-    def on_eval_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
-        self.logger.start(trainer.world_size, trainer.step)  # evaluation-only runs
-        self.logger.log(metrics)
-
-    def on_event(self, trainer: Trainer, event: dict[str, Any]) -> None:
-        if event.get("event") in ENDS_PROCESS:
-            self.logger.finish(failed=True)
-
-    def on_error(self, trainer: Trainer, error: BaseException) -> None:
-        self.failed = True
-
-    def close(self, trainer: Trainer) -> None:
-        self.logger.finish(failed=self.failed)
+    def _finish(self, failed: bool) -> None:
+        self.logger.finish(failed=failed)
 
 
 class TensorBoardCallback(Callback):
