@@ -205,6 +205,21 @@ def test_explicit_head_dim_imports() -> None:
             },
             r"Qwen3ForCausalLM with attention_bias=true is not supported",
         ),
+        (_llama(mlp_bias=True), r"LlamaForCausalLM with mlp_bias=true is not supported$"),
+        *(
+            (
+                {
+                    "architectures": [f"{name}ForCausalLM"],
+                    "model_type": name.lower(),
+                    **BASE,
+                    "use_sliding_window": True,
+                    "sliding_window": 16,
+                },
+                rf"{name}ForCausalLM with use_sliding_window=true is not supported "
+                r"\(full attention only\)",
+            )
+            for name in ("Qwen2", "Qwen3")
+        ),
     ],
 )
 def test_what_the_model_cannot_express_is_refused(config: dict, message: str) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Any
 
 from megatron_forge.config import ModelConfig
-from megatron_forge.errors import ConvertError
 from megatron_forge.models.llama import hf
 from megatron_forge.models.llama.model import architecture
 from megatron_forge.models.mapping import Rule
@@ -36,9 +35,7 @@ class Llama(ModelFamily):
 
     def model_fields(self, config: dict[str, Any]) -> dict[str, Any]:
         resolved = hf.read_hf_config(config, self.hf_model_type)
-        for flag in ("attention_bias", "mlp_bias"):
-            if getattr(resolved, flag):
-                raise ConvertError(f"{self.hf_architecture} with {flag}=true is not supported")
+        hf.refuse_flags(self, resolved, ("attention_bias", "mlp_bias"))
         return {"family": self.name, **hf.common_model_fields(resolved)}
 
     def check_config(self, model: ModelConfig) -> None:

@@ -147,6 +147,21 @@ def common_model_fields(hf: Any) -> dict[str, Any]:
     }
 
 
+FULL_ATTENTION_ONLY = {"use_sliding_window": " (full attention only)"}
+"""Flags whose refusal says why, beside the plain "is not supported"."""
+
+
+def refuse_flags(family: Any, resolved: Any, flags: tuple[str, ...]) -> None:
+    """ConvertError when a resolved HF config turns on one of ``flags`` (attention or MLP
+    biases, sliding windows...) that the family's model cannot express."""
+    for flag in flags:
+        if getattr(resolved, flag, False):
+            raise ConvertError(
+                f"{family.hf_architecture} with {flag}=true is not supported"
+                + FULL_ATTENTION_ONLY.get(flag, "")
+            )
+
+
 def refuse_qk_layernorm(family: Any, model: ModelConfig) -> None:
     """The rule of families whose Hugging Face architecture has no QK-norm."""
     if model.qk_layernorm:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from megatron_forge.config import ModelConfig
-from megatron_forge.errors import ConvertError
 from megatron_forge.models.llama import hf as llama
 from megatron_forge.models.mapping import Rule
 from megatron_forge.models.qwen2.model import architecture
@@ -35,11 +34,7 @@ class Qwen2(ModelFamily):
 
     def model_fields(self, config: dict[str, Any]) -> dict[str, Any]:
         resolved = llama.read_hf_config(config, self.hf_model_type)
-        if resolved.use_sliding_window:
-            raise ConvertError(
-                f"{self.hf_architecture} with use_sliding_window=true is not supported "
-                "(full attention only)"
-            )
+        llama.refuse_flags(self, resolved, ("use_sliding_window",))
         return {"family": self.name, **llama.common_model_fields(resolved)}
 
     def check_config(self, model: ModelConfig) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from megatron_forge.config import ModelConfig
-from megatron_forge.errors import ConfigError, ConvertError
+from megatron_forge.errors import ConfigError
 from megatron_forge.models.llama import hf as llama
 from megatron_forge.models.mapping import Rule
 from megatron_forge.models.qwen3.hf import qwen3_rules
@@ -47,13 +47,7 @@ class Qwen3(ModelFamily):
 
     def model_fields(self, config: dict[str, Any]) -> dict[str, Any]:
         resolved = llama.read_hf_config(config, self.hf_model_type)
-        if resolved.attention_bias:
-            raise ConvertError(f"{self.hf_architecture} with attention_bias=true is not supported")
-        if resolved.use_sliding_window:
-            raise ConvertError(
-                f"{self.hf_architecture} with use_sliding_window=true is not supported "
-                "(full attention only)"
-            )
+        llama.refuse_flags(self, resolved, ("attention_bias", "use_sliding_window"))
         return {"family": self.name, **llama.common_model_fields(resolved), "qk_layernorm": True}
 
     def weight_rules(self, model: ModelConfig, vocab_size: int, padded_vocab: int) -> list[Rule]:
