@@ -63,11 +63,15 @@ def wait_for_job(
 
     Faster than ``sbatch --wait`` (which polls every ~20 s here). A requeued job is held
     PENDING (Reason=BeginTime) for about two minutes by slurmctld before it may start
-    again; we release it at once with ``scontrol update StartTime=now`` so the requeue
-    tests take seconds, not minutes.
+    again; we release it with ``scontrol update StartTime=now`` so the requeue tests take
+    seconds, not minutes. Not at once: the kill revoked the job's credential, and slurmd
+    refuses a relaunch whose new credential is stamped in the same second as the
+    revocation ("Job N already killed, do not launch batch job": the job then FAILS with
+    exit 1 and no output). Two seconds after the hold is first seen is always past it.
     """
     deadline = time.monotonic() + timeout
     fields: dict[str, str] = {}
+    held_since: Optional[float] = None
     while time.monotonic() < deadline:
         fields = job_fields(job_id)
         if on_poll:
@@ -75,7 +79,11 @@ def wait_for_job(
         if fields.get("JobState") in FINAL_STATES:
             return fields
         if fields.get("JobState") == "PENDING" and fields.get("Reason") == "BeginTime":
-            subprocess.run(["scontrol", "update", f"jobid={job_id}", "StartTime=now"], check=False)
+            held_since = held_since or time.monotonic()
+            if time.monotonic() - held_since >= 2.0:
+                subprocess.run(
+                    ["scontrol", "update", f"jobid={job_id}", "StartTime=now"], check=False
+                )
         time.sleep(0.5)
     subprocess.run(["scancel", job_id], check=False)
     raise AssertionError(f"job {job_id} not finished after {timeout}s: {fields}")
