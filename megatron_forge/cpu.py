@@ -114,6 +114,43 @@ class _InertEvent:
         return 0.0
 
 
+def _no_compile(model: Any = None, **_: Any) -> Any:
+    """``torch.compile`` as a no-op, both as ``@torch.compile`` and ``@torch.compile(...)``."""
+    return model if model is not None else (lambda fn: fn)
+
+
+def import_mcore_without_compile() -> None:
+    """Import megatron-core with its ``jit_fuser`` (``torch.compile``) a no-op and without
+    the optional wandb import of its inference and timer modules.
+
+    Replaces: ``megatron.core.jit.jit_fuser = torch.compile``, applied at import to ~40
+    fusion kernels (bias-GeLU, SwiGLU, RoPE, ...). As a decorator ``torch.compile`` loads
+    torch._dynamo and inductor, 2-5 s of start-up per rank on CPU, for kernels the CPU path
+    never calls (the fusions are off without CUDA); the decorated functions stay eager, the
+    same math. megatron-core's dynamic inference context and timers ``try: import wandb``
+    (2 s more) for features training does not use; they see it as absent, and our own W&B
+    logger imports it normally later. A process that imported megatron-core already keeps
+    it as it is.
+    """
+    import sys
+
+    if "megatron.core" in sys.modules:
+        return
+    real = torch.compile
+    hide_wandb = "wandb" not in sys.modules
+    torch.compile = _no_compile
+    if hide_wandb:
+        sys.modules["wandb"] = None  # type: ignore[assignment]  # import raises ImportError
+    try:
+        import megatron.core.jit
+
+        megatron.core.jit.disable_jit_fuser()  # modules imported later decorate with a no-op
+    finally:
+        torch.compile = real
+        if hide_wandb:
+            del sys.modules["wandb"]
+
+
 def check_mcore_version() -> str:
     """Return megatron-core's version, raising if the emulation was not written for it."""
     import megatron.core
@@ -204,6 +241,7 @@ def install() -> None:
             "megatron_forge.cpu.install() called in a process that sees CUDA: the CPU "
             "emulation is for machines without GPUs; set CUDA_VISIBLE_DEVICES= to run on CPU"
         )
+    import_mcore_without_compile()
     check_mcore_version()
     _patch_device_queries()
     _patch_rng()

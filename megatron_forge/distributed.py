@@ -96,9 +96,6 @@ def initialize(cfg: Config, env: Optional[DistEnv] = None, timeout_minutes: int 
 
     On a machine without CUDA this installs :mod:`megatron_forge.cpu` first.
     """
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
     env = env or read_environment()
     if torch.cuda.is_available():
         torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
@@ -106,8 +103,11 @@ def initialize(cfg: Config, env: Optional[DistEnv] = None, timeout_minutes: int 
     else:
         from megatron_forge import cpu
 
-        cpu.install()
+        cpu.install()  # before megatron-core's first import (see cpu.import_mcore_without_compile)
         backend = "gloo"
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
     if not dist.is_initialized():
         dist.init_process_group(
             backend=backend,
@@ -123,6 +123,7 @@ def initialize(cfg: Config, env: Optional[DistEnv] = None, timeout_minutes: int 
         virtual_pipeline_model_parallel_size=p.virtual_pipeline,
         context_parallel_size=p.context,
         expert_model_parallel_size=p.expert,
+        expert_tensor_parallel_size=p.expert_tensor_size,
         distributed_timeout_minutes=timeout_minutes,
     )
     # Seeds the default generator per PP stage and the TP-aware RNG tracker (dropout).

@@ -1,6 +1,7 @@
 #!/bin/bash
-# Llama-2-70B pretraining: 64 nodes x 8 GPUs, TP 8 x PP 4 x CP 2 x DP 8
-# (configs/llama_70b.yaml; its comment gives the memory per GPU, ~19 GB of 80).
+# Llama-2-70B pretraining: 64 nodes x 8 GPUs, TP 4 x PP 4 (5 virtual stages) x DP 32
+# (configs/llama_70b.yaml; its comment gives the layout's source and the memory per GPU,
+# ~50 GB of 80).
 #
 #   mkdir -p logs && sbatch slurm/pretrain_70b.sh  # from the repo root
 #   sbatch --nodes=128 slurm/pretrain_70b.sh train.lr=2e-4  # more data parallelism

@@ -1,6 +1,7 @@
 #!/bin/bash
-# Llama-2-7B pretraining: 16 nodes x 8 GPUs, TP 8 x DP 16 (configs/llama_7b.yaml; its
-# comment gives the memory per GPU, ~8 GB of 80).
+# Llama-2-7B pretraining: 16 nodes x 8 GPUs, data parallel 128 with the distributed
+# optimizer (configs/llama_7b.yaml; its comment gives the layout's source and the memory
+# per GPU, ~56 GB of 80).
 #
 #   mkdir -p logs && sbatch slurm/pretrain_7b.sh  # from the repo root
 #   sbatch --nodes=32 slurm/pretrain_7b.sh train.lr=2e-4  # more data parallelism

@@ -1,6 +1,7 @@
 #!/bin/bash
-# Mixtral 8x7B pretraining: 16 nodes x 8 GPUs, PP 4 x CP 2 x DP 16, experts EP 8
-# (configs/mixtral_8x7b.yaml; its comment gives the memory per GPU, ~23 GB of 80).
+# Mixtral 8x7B pretraining: 16 nodes x 8 GPUs, PP 4 x DP 32, experts EP 8
+# (configs/mixtral_8x7b.yaml; its comment gives the layout's source and the memory per
+# GPU, ~32 GB of 80).
 #
 #   mkdir -p logs && sbatch slurm/pretrain_mixtral_8x7b.sh  # from the repo root
 #   sbatch --nodes=32 slurm/pretrain_mixtral_8x7b.sh train.lr=2e-4  # more data parallelism

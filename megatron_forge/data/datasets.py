@@ -292,11 +292,9 @@ def build_datasets(cfg: Config, tokenizer: Any) -> tuple[Any, Optional[Any]]:
 
     sizes = _split_sizes(cfg)
     if cfg.data.format == "mock":
-        from megatron.core.tokenizers.text.libraries.null_tokenizer import NullTokenizer
-
         # megatron-core builds mock data when there is no blend; NullTokenizer(n) has
         # n + 1 ids, the last one being end-of-document.
-        tokenizer = NullTokenizer(cfg.model.vocab_size - 1)
+        tokenizer = _null_tokenizer_class()(cfg.model.vocab_size - 1)
         blend: dict[str, Any] = {"blend": None, "split": cfg.data.split}
         dataset_class = MockGPTDataset
     else:
@@ -324,6 +322,24 @@ def build_datasets(cfg: Config, tokenizer: Any) -> tuple[Any, Optional[Any]]:
             f"data.split={cfg.data.split!r} leaves no training documents; give train a share"
         )
     return train, (valid if sizes[1] else None)
+
+
+def _null_tokenizer_class() -> type:
+    """megatron-core's ``NullTokenizer``, loaded from its own module file: importing it by
+    name runs ``megatron.core.tokenizers.text.libraries/__init__``, which imports
+    transformers for the other tokenizers there (3-5 s per rank for mock data)."""
+    import importlib.util
+
+    import megatron.core.tokenizers
+
+    name = "megatron.core.tokenizers.text.libraries.null_tokenizer"
+    if name in sys.modules:
+        return sys.modules[name].NullTokenizer
+    path = Path(megatron.core.tokenizers.__file__).parent / "text/libraries/null_tokenizer.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.NullTokenizer
 
 
 def microbatch_iterator(

@@ -103,8 +103,8 @@ def test_missing_dataset_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_dry_run_prints_layout() -> None:
-    proc = _train_cli("--config", "configs/llama_7b.yaml", "--dry-run")
-    # a single process cannot hold TP=8: refused before anything is allocated
+    proc = _train_cli("--config", "configs/llama_70b.yaml", "--dry-run")
+    # a single process cannot hold TP=4 x PP=4: refused before anything is allocated
     assert proc.returncode == 2
     assert "world size 1 is not divisible by parallel.tensor" in proc.stderr
     proc = _train_cli("--config", "configs/tiny.yaml", "--dry-run", "train.lr=1e-3")
