@@ -3,8 +3,12 @@
 :func:`estimate_memory` counts, for the most loaded GPU (the first or last pipeline stage):
 
 - weights: this GPU's share of the parameters (layers split over PP, dense matrices over
-  TP, experts over EP x expert-TP, vocabulary over TP; the embedding on the first stage,
-  the output layer and final norm on the last), at ``precision.params_dtype``;
+  TP, experts over EP x expert-TP (``parallel.expert_tensor``, TP by default), shared
+  experts over TP, vocabulary over TP; the embedding on the first stage, the output layer
+  and final norm on the last; an MoE model's dense layers as dense), at
+  ``precision.params_dtype``. With uneven stages (``parallel.layers_in_first_stage`` /
+  ``layers_in_last_stage``) every stage is counted with its own layers, a middle stage
+  ``i`` holding ``min(PP - i, microbatches)`` microbatches in flight;
 - gradients: megatron DDP's gradient buffer, fp32 (``grad_reduce_in_fp32``);
 - optimizer state: Adam's m and v plus an fp32 master copy for 16-bit params (12 bytes per
   parameter; 8 for fp32 params, which are their own master), sharded over the
@@ -36,7 +40,7 @@ import sys
 from dataclasses import dataclass
 from typing import Optional
 
-from megatron_forge.config import Config, ConfigError, load_config
+from megatron_forge.config import Config, ConfigError, ModelConfig, load_config
 from megatron_forge.models import check_model_config, padded_vocab_size
 
 GB = 2**30
@@ -84,18 +88,57 @@ class _LayerParams:
     """Norms and the router, whole on every TP rank."""
 
 
-def _layer_params(cfg: Config) -> _LayerParams:
+def _layer_params(cfg: Config, moe: bool = True) -> _LayerParams:
+    """One layer's parameters: an MoE layer when ``moe`` and the model has experts, else a
+    dense one (an MoE model's dense layers: model.moe_layer_freq / first_k_dense)."""
     m = cfg.model
     h, d = m.hidden_size, m.attention_head_dim
     q, kv = m.num_attention_heads * d, m.num_query_groups * d
     attention = 2 * h * q + 2 * h * kv  # Q and output projections, K and V (GQA)
     norms = 2 * h  # RMSNorm before attention and before the MLP, no biases
+    if m.multi_latent_attention:
+        attention, latent_norms = _latent_attention_params(m)
+        norms += latent_norms
     if m.qk_layernorm:
         norms += 2 * d  # one RMSNorm weight over a head of queries, one over keys
-    if m.num_experts is None:
+    if m.num_experts is None or not moe:
         return _LayerParams(attention + 3 * h * m.ffn_hidden_size, 0, norms)  # SwiGLU
     experts = m.num_experts * 3 * h * m.moe_ffn_hidden_size
-    return _LayerParams(attention, experts, norms + h * m.num_experts)
+    # Shared experts are a SwiGLU split over TP like a dense MLP; their gate is whole.
+    shared = 3 * h * (m.moe_shared_expert_intermediate_size or 0)
+    gate = h if m.moe_shared_expert_gate else 0
+    return _LayerParams(attention + shared, experts, norms + h * m.num_experts + gate)
+
+
+def _latent_attention_params(m: ModelConfig) -> tuple[int, int]:
+    """Multi-Latent Attention's matrices (split over TP) and latent RMSNorms (whole):
+    q through its latent (or one projection), the kv latent with the shared rotary key,
+    its up projection to per-head keys and values, the output projection."""
+    h, n = m.hidden_size, m.num_attention_heads
+    qk = m.qk_head_dim + m.qk_pos_emb_head_dim
+    q = h * n * qk if m.q_lora_rank is None else h * m.q_lora_rank + m.q_lora_rank * n * qk
+    kv = h * (m.kv_lora_rank + m.qk_pos_emb_head_dim)
+    kv += m.kv_lora_rank * n * (m.qk_head_dim + m.v_head_dim)
+    return q + kv + n * m.v_head_dim * h, m.kv_lora_rank + (m.q_lora_rank or 0)
+
+
+def _mtp_params(cfg: Config, last: _LayerParams) -> _LayerParams:
+    """The multi-token prediction layers (on the last pipeline stage): each a decoder
+    layer like the last one, its [embedding; hidden] projection and three RMSNorms."""
+    m, h = cfg.model, cfg.model.hidden_size
+    k = m.mtp_num_layers or 0
+    return _LayerParams(
+        k * (last.dense + 2 * h * h), k * last.experts, k * (last.replicated + 3 * h)
+    )
+
+
+def _stage_layers(cfg: Config) -> list[list[int]]:
+    """The decoder layers of each pipeline stage (uneven first/last stages included)."""
+    bounds, start = [], 0
+    for count in cfg.parallel.layers_per_stage(cfg.model.num_layers):
+        bounds.append(list(range(start, start + count)))
+        start += count
+    return bounds
 
 
 def _activation_bytes_per_stage(cfg: Config, layers: int, flash_attention: bool) -> float:
@@ -112,6 +155,9 @@ def _activation_bytes_per_stage(cfg: Config, layers: int, flash_attention: bool)
     # 8 of the 34 (Q, K, V and the output projection's input, 2 bytes each) are as wide as
     # the heads (heads x head_dim), which need not be the hidden size.
     attention = 8 * m.num_attention_heads * m.attention_head_dim / h
+    if m.multi_latent_attention:  # Q and K of qk + rope channels, V and its output of v
+        qk = m.qk_head_dim + m.qk_pos_emb_head_dim
+        attention = 4 * m.num_attention_heads * (qk + m.v_head_dim) / h
     if p.sequence_parallel or t == 1:
         per_token = (26 + attention + scores) / t
     else:
@@ -125,9 +171,11 @@ def _activation_bytes_per_stage(cfg: Config, layers: int, flash_attention: bool)
     return recomputed * input_only + (layers - recomputed) * full_layer
 
 
-def _microbatches_in_flight(cfg: Config, world_size: int) -> float:
+def _microbatches_in_flight(cfg: Config, world_size: int, stage: int = 0) -> float:
+    """Microbatches whose activations pipeline stage ``stage`` holds at once under 1F1B:
+    PP - stage (the warm-up), at most the microbatches of a step."""
     p = cfg.parallel
-    in_flight = min(p.pipeline, cfg.num_microbatches(world_size))
+    in_flight = min(p.pipeline - stage, cfg.num_microbatches(world_size))
     if p.virtual_pipeline:
         in_flight *= 1 + (p.pipeline - 1) / (p.pipeline * p.virtual_pipeline)
     return in_flight
@@ -152,41 +200,59 @@ def estimate_memory(
     if world_size % p.model_parallel_size:
         raise ConfigError(f"world size {world_size} is not divisible by TP x PP x CP")
     vocab = padded_vocab_size(vocab, m.make_vocab_size_divisible_by, p.tensor)
-    h, layers_per_stage = m.hidden_size, m.num_layers // p.pipeline
-    layer = _layer_params(cfg)
+    h = m.hidden_size
+    pattern = m.moe_layer_pattern()
+    kinds = {True: _layer_params(cfg, moe=True), False: _layer_params(cfg, moe=False)}
+    layers = [kinds[bool(is_moe)] for is_moe in pattern]
+    mtp = _mtp_params(cfg, layers[-1])
     embedding = vocab * h
     output = embedding if m.untie_embeddings or p.pipeline > 1 else 0  # tied + PP: a copy
     num_params = (
-        m.num_layers * (layer.dense + layer.experts + layer.replicated)
+        sum(layer.dense + layer.experts + layer.replicated for layer in [*layers, mtp])
         + embedding
         + (embedding if m.untie_embeddings else 0)
         + h
     )
+    etp = p.expert_tensor_size
     dp_cp = world_size // (p.tensor * p.pipeline)  # data-parallel x context-parallel ranks
-    expert_dp = world_size // (p.pipeline * p.tensor * p.expert)  # expert-TP = TP
-    dense_layers = layers_per_stage * (layer.dense / p.tensor + layer.replicated)
-    experts = layers_per_stage * layer.experts / (p.expert * p.tensor)
-    stages = {
-        "first": (dense_layers + embedding / p.tensor, _microbatches_in_flight(cfg, world_size)),
-        "last": (dense_layers + output / p.tensor + h, 1.0),
-    }
-    if p.pipeline == 1:
-        stages = {"only": (dense_layers + (embedding + output) / p.tensor + h, 1.0)}
+    expert_dp = world_size // (p.pipeline * etp * p.expert)
+    stage_layers = _stage_layers(cfg)
+    last = p.pipeline - 1
+    stages = []  # (name, index, params outside the experts, expert params, in flight)
+    for index, held in enumerate(stage_layers):
+        dense = sum(layers[i].dense / p.tensor + layers[i].replicated for i in held)
+        experts = sum(layers[i].experts for i in held) / (p.expert * etp)
+        if p.pipeline == 1:
+            name, dense = "only", dense + (embedding + output) / p.tensor + h
+        elif index == 0:
+            name, dense = "first", dense + embedding / p.tensor
+        elif index == last:
+            name, dense = "last", dense + output / p.tensor + h
+        else:
+            name = "middle"
+        in_flight = _microbatches_in_flight(cfg, world_size, index) if index < last else 1.0
+        if index == last:  # the MTP layers sit on the last stage
+            dense += mtp.dense / p.tensor + mtp.replicated
+            experts += mtp.experts / (p.expert * etp)
+            held = [*held, *[len(layers) - 1] * (m.mtp_num_layers or 0)]
+        stages.append((name, len(held), dense, experts, in_flight))
+    if not p.uneven_pipeline:  # even stages: the first and last are the most loaded
+        stages = [stages[0], stages[-1]] if p.pipeline > 1 else stages
 
     weight_bytes = BYTES_PER_PARAM[cfg.precision.params_dtype]
     optim_bytes = 8 if cfg.precision.params_dtype == "fp32" else 12
     shard = p.use_distributed_optimizer
-    act_per_stage = _activation_bytes_per_stage(cfg, layers_per_stage, flash_attention)
     # The loss stage also holds one microbatch's logits (16-bit) and megatron's fp32
     # vocab-parallel softmax: 6 bytes per (token, vocab entry / TP); large for 128k vocabs.
     tokens = m.seq_length / p.context * cfg.train.micro_batch_size
     logits = tokens * (m.vocab_size or 0) / p.tensor * 6
     estimates = []
-    for stage, (dense, in_flight) in stages.items():
+    for stage, num_layers, dense, experts, in_flight in stages:
         params = dense + experts
         optimizer = optim_bytes * (
             dense / (dp_cp if shard else 1) + experts / (expert_dp if shard else 1)
         )
+        activations = _activation_bytes_per_stage(cfg, num_layers, flash_attention) * in_flight
         estimates.append(
             MemoryEstimate(
                 world_size=world_size,
@@ -195,8 +261,7 @@ def estimate_memory(
                 weights_gb=params * weight_bytes / GB,
                 grads_gb=params * GRAD_BYTES / GB,
                 optimizer_gb=optimizer / GB,
-                activations_gb=(act_per_stage * in_flight + logits * (stage in ("last", "only")))
-                / GB,
+                activations_gb=(activations + logits * (stage in ("last", "only"))) / GB,
                 stage=stage,
             )
         )

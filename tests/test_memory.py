@@ -126,7 +126,16 @@ def _comment_estimate(config: Path) -> tuple[int, str]:
 
 @pytest.mark.parametrize(
     "name",
-    ["llama3_2_1b", "llama3_8b", "llama3_70b", "qwen3_8b", "llama_7b", "llama_70b", "mixtral_8x7b"],
+    [
+        "llama3_2_1b",
+        "llama3_8b",
+        "llama3_70b",
+        "qwen3_8b",
+        "llama_7b",
+        "llama_70b",
+        "mixtral_8x7b",
+        "qwen3_30b_a3b",
+    ],
 )
 def test_large_configs_fit_80gb_and_comments_match(name: str) -> None:
     config = REPO / "configs" / f"{name}.yaml"
@@ -177,3 +186,70 @@ def test_recompute_reduces_activations() -> None:
     assert full.activations_gb < selective.activations_gb < none
     # Selective recompute of core attention saves what fused attention never stores.
     assert selective == estimate_memory(load_config(None, base), 1)
+
+
+MOE_SMALL = [
+    "model.family=mixtral",
+    "model.hidden_size=64",
+    "model.ffn_hidden_size=128",
+    "model.num_attention_heads=4",
+    "model.num_query_groups=2",
+    "model.num_experts=4",
+    "model.seq_length=128",
+    "model.vocab_size=1000",
+    "train.micro_batch_size=1",
+    "train.global_batch_size=8",
+    "precision.params_dtype=fp32",
+]
+
+
+def test_expert_tensor_parallel_splits_experts_its_own_way() -> None:
+    """TP=2 with ETP=1: attention split over TP, experts whole on each rank and spread
+    over EP=2 x expert-DP 2 (4 ranks); with ETP=TP=2 the experts halve and expert-DP is 1."""
+    base = [*MOE_SMALL, "model.num_layers=1", "parallel.tensor=2", "parallel.expert=2"]
+    etp1 = estimate_memory(load_config(None, [*base, "parallel.expert_tensor=1"]), 4)
+    etp2 = estimate_memory(load_config(None, base), 4)
+    experts = 4 * 3 * 64 * 128
+    assert etp1.params_per_gpu - etp2.params_per_gpu == experts / 2 - experts / 4
+    # Optimizer: experts over expert-DP = 4 / (ETP 1 x EP 2) = 2 with ETP=1, over 1 else.
+    dense = etp2.params_per_gpu - experts / 4
+    assert etp1.optimizer_gb * GB == pytest.approx(8 * (dense / 2 + experts / 2 / 2))
+    assert etp2.optimizer_gb * GB == pytest.approx(8 * (dense / 2 + experts / 4))
+
+
+def test_uneven_stages_count_their_own_layers() -> None:
+    """3 layers over PP=2 as 1 + 2: the last stage holds two layers' weights and
+    activations (one microbatch in flight) and is the most loaded here; PP=2 as 2 + 1 puts
+    the two layers and two microbatches on the first."""
+    base = [*MOE_SMALL, "model.num_layers=3", "parallel.pipeline=2"]
+    # attention (Q, O 64x64; K, V 64x32), norms, router, experts
+    layer = 2 * 64 * 64 + 2 * 64 * 32 + 128 + 256 + 4 * 3 * 64 * 128
+    last_heavy = estimate_memory(load_config(None, [*base, "parallel.layers_in_first_stage=1"]), 2)
+    assert last_heavy.stage == "last"
+    assert last_heavy.params_per_gpu == 2 * layer + 1024 * 64 + 64  # + output layer, final norm
+    first_heavy = estimate_memory(load_config(None, [*base, "parallel.layers_in_last_stage=1"]), 2)
+    assert first_heavy.stage == "first"
+    assert first_heavy.params_per_gpu == 2 * layer + 1024 * 64  # + embedding (padded vocab)
+    s, h = 128, 64
+    assert first_heavy.activations_gb * GB == pytest.approx(2 * 2 * 2 * s * h * 34)
+
+
+def test_dense_first_layers_and_shared_experts() -> None:
+    """An MoE model whose first layer is dense (SwiGLU 128) and whose MoE layer has a
+    gated shared expert of 64 (split over TP like a dense MLP)."""
+    cfg = load_config(
+        None,
+        [
+            *MOE_SMALL,
+            "model.num_layers=2",
+            "model.moe_first_k_dense_replace=1",
+            "model.moe_shared_expert_intermediate_size=64",
+            "model.moe_shared_expert_gate=true",
+        ],
+    )
+    attention, norms = 2 * 64 * 64 + 2 * 64 * 32, 128
+    dense_layer = attention + 3 * 64 * 128 + norms
+    moe_layer = attention + 3 * 64 * 64 + norms + 4 * 64 + 64 + 4 * 3 * 64 * 128
+    est = estimate_memory(cfg, 1)
+    assert est.num_params == dense_layer + moe_layer + 2 * 1024 * 64 + 64
+    assert est.params_per_gpu == est.num_params

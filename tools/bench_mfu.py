@@ -5,24 +5,31 @@ GPUs, for BF16 and (with Transformer Engine) FP8 side by side in one run.
     torchrun --nproc_per_node 8 tools/bench_mfu.py --config configs/llama_7b.yaml
     python tools/bench_mfu.py --config configs/llama3_2_1b.yaml --precisions bf16 \\
         parallel.tensor=1 train.micro_batch_size=2 recompute.granularity=null
+    python tools/bench_mfu.py --config configs/llama3_2_1b.yaml --precisions bf16 \\
+        --attention-backend sdpa,local --json runs/bench.json model.seq_length=4096
 
-Each precision builds the model afresh on the same process groups, runs ``--warmup``
+Each precision (and with ``--attention-backend``, each attention backend: ``te``, ``sdpa``,
+``local``; default: the config's ``model.attention_backend``) builds the model afresh on
+the same process groups, runs ``--warmup``
 untimed steps and ``--steps`` timed ones on synthetic tokens (``data.format=mock``:
 megatron-core's MockGPTDataset, so no dataset is needed), and reports the means over the
 timed steps.
 The global batch is ``train.micro_batch_size x DP`` (one microbatch per step) unless
 ``--global-batch-size`` is given. FLOPs per token follow megatron_forge/monitoring/flops.py;
 the MFU peak comes from its GPU table (or ``logging.peak_tflops``). ``--precisions fp32``
-runs on CPU as a smoke test (MFU n/a).
+runs on CPU as a smoke test (MFU n/a). ``--json`` also writes the rows, with the device
+and the layout, to a file (tools/gpu_check.py reads it).
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
 import statistics
 import sys
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -39,17 +46,22 @@ PRECISION_OVERRIDES = {
 }
 
 
-def variant(args: argparse.Namespace, precision: str, world_size: int) -> Config:
+def variant(
+    args: argparse.Namespace, precision: str, world_size: int, backend: str | None = None
+) -> Config:
     """The config of one measured run: synthetic data, no checkpoints, no W&B."""
     base = load_config(args.config, args.overrides)
     dp = world_size // base.parallel.model_parallel_size
     gbs = args.global_batch_size or base.train.micro_batch_size * max(dp, 1)
     steps = args.warmup + args.steps
+    name = precision if backend is None else f"{precision}_{backend}"
+    chosen = [] if backend is None else [f"model.attention_backend={backend}"]
     return load_config(
         args.config,
         [
             *args.overrides,
             *PRECISION_OVERRIDES[precision],
+            *chosen,
             "data.format=mock",
             f"train.global_batch_size={gbs}",
             f"train.train_iters={steps}",
@@ -59,7 +71,7 @@ def variant(args: argparse.Namespace, precision: str, world_size: int) -> Config
             "checkpoint.load=null",
             "logging.wandb_project=null",
             "logging.tensorboard=false",
-            f"logging.dir={args.log_dir}/{precision}",
+            f"logging.dir={args.log_dir}/{name}",
         ],
     )
 
@@ -91,16 +103,24 @@ def measure(cfg: Config, world_size: int, warmup: int, steps: int) -> dict[str, 
     return result
 
 
+def attention_of(cfg: Config) -> str:
+    """The attention backend a run uses: te, sdpa or local."""
+    return cfg.model.resolved_attention_backend(
+        transformer_engine_available(), torch.cuda.is_available()
+    )
+
+
 def table(rows: dict[str, dict[str, float]], header: str) -> str:
+    width = max(9, *(len(name) for name in rows))
     lines = [
         header,
-        f"{'precision':>9} | {'step ms':>9} | {'tokens/s/GPU':>12} | "
+        f"{'precision':>{width}} | {'step ms':>9} | {'tokens/s/GPU':>12} | "
         f"{'TFLOP/s/GPU':>11} | {'MFU':>6} | {'peak mem GB':>11} | {'loss':>7}",
     ]
     for name, r in rows.items():
         mfu = "n/a" if r["mfu"] != r["mfu"] else f"{100 * r['mfu']:.1f}%"
         lines.append(
-            f"{name:>9} | {r['step_time_ms']:9.1f} | {r['tokens_per_s_per_gpu']:12.0f} | "
+            f"{name:>{width}} | {r['step_time_ms']:9.1f} | {r['tokens_per_s_per_gpu']:12.0f} | "
             f"{r['tflops_per_gpu']:11.4g} | {mfu:>6} | {r['peak_mem_gb']:11.2f} | "
             f"{r['loss']:7.3f}"
         )
@@ -116,6 +136,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     parser.add_argument("--precisions", default="bf16,fp8", help="comma list: bf16,fp8,fp32")
     parser.add_argument("--global-batch-size", type=int, help="default: micro batch x DP")
+    parser.add_argument(
+        "--attention-backend",
+        help="comma list of te, sdpa, local: one run each (default: the config's choice)",
+    )
+    parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--log-dir", default="runs/bench_mfu")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
     args = parser.parse_args(argv)
@@ -126,8 +151,15 @@ def main(argv: list[str] | None = None) -> int:
     if "fp8" in precisions and not transformer_engine_available():
         precisions.remove("fp8")
         skipped.append("fp8 (needs CUDA + Transformer Engine)")
+    backends: list[str | None] = [None]
+    if args.attention_backend:
+        backends = [b.strip() for b in args.attention_backend.split(",") if b.strip()]
     try:
-        configs = {p: variant(args, p, env.world_size) for p in precisions}
+        configs = {
+            p if b is None else f"{p} {b}": variant(args, p, env.world_size, b)
+            for p in precisions
+            for b in backends
+        }
         for cfg in configs.values():
             if cfg.model.vocab_size is None:
                 raise ConfigError("bench_mfu needs model.vocab_size (synthetic data)")
@@ -144,16 +176,42 @@ def main(argv: list[str] | None = None) -> int:
     if env.rank == 0:
         device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
         p = first.parallel
+        attention = {name: attention_of(cfg) for name, cfg in configs.items()}
         header = (
             f"{args.config} on {env.world_size} x {device} (TP={p.tensor} PP={p.pipeline} "
             f"CP={p.context} EP={p.expert}), micro batch {first.train.micro_batch_size}, "
             f"global batch {first.train.global_batch_size}, seq {first.model.seq_length}, "
             f"{args.steps} timed steps after {args.warmup}; "
-            f"spec: {'Transformer Engine' if transformer_engine_available() else 'local'}"
+            f"spec: {'Transformer Engine' if attention_of(first) == 'te' else 'local'}, "
+            f"attention: {', '.join(dict.fromkeys(attention.values()))}"
         )
         print(table(rows, header))
         for note in skipped:
             print(f"skipped: {note}")
+        if args.json:
+            report = {
+                "config": args.config,
+                "overrides": args.overrides,
+                "device": device,
+                "world_size": env.world_size,
+                "micro_batch_size": first.train.micro_batch_size,
+                "global_batch_size": first.train.global_batch_size,
+                "seq_length": first.model.seq_length,
+                "warmup_steps": args.warmup,
+                "timed_steps": args.steps,
+                "skipped": skipped,
+                "runs": {
+                    name: {
+                        "attention_backend": attention[name],
+                        "tokens_per_s": r["tokens_per_s_per_gpu"] * env.world_size,
+                        # JSON has no NaN: MFU without a known peak (CPU) is null
+                        **{k: None if v != v else v for k, v in r.items()},
+                    }
+                    for name, r in rows.items()
+                },
+            }
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     distributed.shutdown()
     return 0
 

@@ -7,10 +7,12 @@ when to save (``megatron_forge.training.checkpoint_saver``).
 - :mod:`.directory`: ``<root>/iter_0000100/`` per checkpoint, the tracker
   ``latest_checkpointed_iteration.txt`` naming the newest complete one, retention.
 - :mod:`.state`: what a checkpoint holds (:class:`TrainState`, sharded model and
-  optimizer, per-rank RNG) and megatron-core 0.16.1 workarounds for the optimizer.
-- :mod:`.saver`: :class:`Checkpointer`, asynchronous saves finalized on all ranks.
+  optimizer in ``checkpoint.optimizer_format``, per-rank RNG, Megatron-LM's common
+  entries) and megatron-core 0.16.1 workarounds for the optimizer.
+- :mod:`.saver`: :class:`Checkpointer`, fully parallel asynchronous saves with a cached
+  plan, finalized on all ranks.
 - :mod:`.loader`: :func:`load_checkpoint`, resume or reshard from the newest checkpoint
-  (or ``checkpoint.load_iteration``).
+  (or ``checkpoint.load_iteration``), ours or Megatron-LM's.
 - :mod:`.ownership`: ``forge_owner.json``, the run a directory belongs to and the
   checkpoints it wrote; a new run never writes over another run's.
 - :mod:`.lock`: one live run per directory (``forge.lock``, flock held by rank 0).

@@ -99,7 +99,7 @@ def _metadata_types() -> dict[str, Any]:
     import pathlib
 
     from torch.distributed.checkpoint import metadata, planner
-    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.filesystem import _StorageInfo, _StoragePrefix
 
     objects: list[Any] = [
         metadata.Metadata,
@@ -118,6 +118,7 @@ def _metadata_types() -> dict[str, Any]:
         planner.ReadItem,
         planner.LoadItemType,
         _StorageInfo,
+        _StoragePrefix,  # in the save plans of a save that reused a cached plan
         torch.Size,
         torch.serialization._get_layout,
         collections.OrderedDict,

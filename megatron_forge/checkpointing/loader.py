@@ -4,33 +4,55 @@
 refuses rather than guesses when the tracker is lost, unreadable or names a missing
 iteration (the entry point calls it at startup, before building anything).
 
-Resharding (load under another layout): TP, PP (with or without virtual pipeline), DP and
-EP may all change, for weights and optimizer state, because both are stored per global
-parameter. RNG states are restored only when the TP/PP/CP/DP layout is unchanged (they
-are per rank); otherwise a warning says they were reseeded from train.seed. Changing the
-model's shape, family or padded vocabulary is refused by dist_checkpointing's shape
-validation, naming the tensor.
+Checkpoints written by Megatron-LM (torch_dist, either optimizer format) load too: the
+optimizer format comes from the checkpoint's ``content_metadata``, the scheduler from
+``opt_param_scheduler`` and the consumed samples from ``args.consumed_train_samples``
+where our own entries are missing (:func:`describe_checkpoint`).
+
+Resharding (load under another layout): weights reshard under any TP, PP (with or without
+virtual pipeline), DP and EP change. The optimizer state follows its format
+(:data:`~.state.OPTIMIZER_FORMATS`): ``fully_reshardable`` reshards like the weights,
+``dp_reshardable`` only across data-parallel sizes; any other change is refused with the
+command that re-saves the checkpoint in the other format. RNG states are restored only
+when the TP/PP/CP/DP layout is unchanged (they are per rank); otherwise a warning says
+they were reseeded from train.seed. A model of another shape or family is refused by
+dist_checkpointing's shape validation, naming the tensor; a vocabulary of another padded
+size (which megatron-core would load silently, leaving rows untrained) by
+:func:`check_vocab`.
 """
 
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 from megatron_forge.checkpointing.collective import on_rank0
 from megatron_forge.checkpointing.directory import TRACKER, iteration_dir, resolve_iteration
-from megatron_forge.checkpointing.files import check_safe_to_load, read_errors, verify_iteration
+from megatron_forge.checkpointing.files import (
+    check_safe_to_load,
+    load_metadata,
+    read_errors,
+    verify_iteration,
+)
 from megatron_forge.checkpointing.ownership import (
     effective_load_iteration,
     kept_from_previous_owner,
     read_owner,
 )
 from megatron_forge.checkpointing.state import (
+    FORGE_FORMAT,
+    FORGE_RNG,
+    FULLY_RESHARDABLE,
+    LEGACY_OPTIMIZER_FORMAT,
+    OPTIMIZER_FORMATS,
     TrainState,
     callback_states,
     model_keys,
+    optimizer_metadata,
     parallel_layout,
+    set_megatron_rng_state,
     set_rng_state,
     sharded_state,
     untie_adam_steps,
@@ -79,6 +101,168 @@ def iteration_to_load(root: str | Path, ckpt_cfg: CheckpointConfig) -> Optional[
     return iteration
 
 
+@dataclass
+class SavedCheckpoint:
+    """What a checkpoint's common entries say about how to load it."""
+
+    writer: str
+    """"megatron-forge" or "Megatron-LM"."""
+    sharding: str
+    """The distributed optimizer's format (megatron-core's distrib_optim_sharding_type)."""
+    content: Optional[dict[str, Any]]
+    """Its content metadata (None: written before megatron-core stored any)."""
+    layout: dict[str, int]
+    """tensor/pipeline/context/data/expert sizes and model_chunks it was written under."""
+    has_optimizer: bool
+    rng: Optional[str]
+    """Which RNG entry it holds: "forge", "legacy" (ours, older), "megatron" or None."""
+
+
+def describe_checkpoint(common: dict[str, Any]) -> SavedCheckpoint:
+    """How a checkpoint with these common entries was written (ours or Megatron-LM's)."""
+    content = common.get("content_metadata")
+    if "layout" in common:  # ours
+        layout = {**common["layout"], "model_chunks": int(common.get("model_chunks", 0))}
+        sharding = (content or {}).get("distrib_optim_sharding_type", LEGACY_OPTIMIZER_FORMAT)
+        rng = "forge" if FORGE_FORMAT in common else "legacy"
+        return SavedCheckpoint(
+            "megatron-forge", sharding, content, layout, common.get("has_optimizer", True), rng
+        )
+    args = common.get("args")
+    layout = {
+        "tensor": int(getattr(args, "tensor_model_parallel_size", 1)),
+        "pipeline": int(getattr(args, "pipeline_model_parallel_size", 1)),
+        "context": int(getattr(args, "context_parallel_size", 1) or 1),
+        "data": int(getattr(args, "data_parallel_size", 0) or 0),
+        "expert": int(getattr(args, "expert_model_parallel_size", 1) or 1),
+        "model_chunks": int(getattr(args, "virtual_pipeline_model_parallel_size", None) or 1),
+    }
+    if content is None:  # Megatron-LM's own fallback for checkpoints of megatron-core < 0.13
+        parallel = getattr(args, "ckpt_fully_parallel_save", False)
+        sharding = "fully_sharded_model_space" if parallel else "dp_zero_gather_scatter"
+    else:
+        sharding = content.get("distrib_optim_sharding_type", LEGACY_OPTIMIZER_FORMAT)
+    has_optimizer = "optimizer" in common or not getattr(args, "no_save_optim", False)
+    rng = None if getattr(args, "no_save_rng", False) else "megatron"
+    return SavedCheckpoint("Megatron-LM", sharding, content, layout, has_optimizer, rng)
+
+
+def check_optimizer_layout(
+    saved: SavedCheckpoint, layout: dict[str, int], path: Path, root: str | Path
+) -> None:
+    """Refuse to load optimizer state in a format that cannot follow this layout change,
+    with the command that re-saves the checkpoint in the format that can."""
+    if saved.sharding in FULLY_RESHARDABLE:
+        return
+    fixed = ("tensor", "pipeline", "expert", "model_chunks")
+    changed = [
+        f"{key} {saved.layout[key]} -> {layout[key]}"
+        for key in fixed
+        if saved.layout.get(key) and saved.layout[key] != layout[key]
+    ]
+    if not changed:
+        return
+    names = {"tensor": "tensor", "pipeline": "pipeline", "expert": "expert"}
+    own_layout = " ".join(
+        f"parallel.{names[key]}={saved.layout[key]}" for key in names if key in saved.layout
+    )
+    supports = OPTIMIZER_FORMATS.get(saved.sharding, "its own layout only")
+    raise CheckpointError(
+        f"{path} holds the optimizer state in the {saved.sharding} format, which loads "
+        f"only under {supports}; this run changes {', '.join(changed)}. Re-save it once in "
+        f"the fully_reshardable format under its own layout, then load that copy under any "
+        f"layout: python -m megatron_forge.train --config <its config> {own_layout} "
+        f"checkpoint.load={root} checkpoint.save=<new directory> "
+        f"checkpoint.optimizer_format=fully_reshardable train.train_iters=<its iteration + 1>; "
+        "or set checkpoint.load_optimizer=false to load the weights only"
+    )
+
+
+def saved_vocab_rows(path: Path) -> Optional[int]:
+    """Rows of the (padded) embedding table in a checkpoint, from its index (None: no
+    embedding, e.g. not a GPT model)."""
+    index = load_metadata(path).state_dict_metadata
+    for key in ("embedding.word_embeddings.weight", "output_layer.weight"):
+        entry = index.get(key)
+        if entry is not None and hasattr(entry, "size"):
+            return int(entry.size[0])
+    return None
+
+
+def _model_vocab_rows(model_chunks: list[Any]) -> Optional[int]:
+    for chunk in model_chunks:
+        rows = getattr(chunk.module, "vocab_size", None)
+        if rows is not None:
+            return int(rows)
+    return None
+
+
+def check_vocab(
+    saved_rows: Optional[int],
+    rows: Optional[int],
+    saved: SavedCheckpoint,
+    layout: dict[str, int],
+    path: Path,
+) -> None:
+    """Refuse a checkpoint whose padded vocabulary differs from this model's.
+
+    megatron-core loads an embedding of another size without a word (it allows a shape
+    mismatch there for padding), leaving rows untrained or dropping them. The one
+    difference that is only padding is our own checkpoint under another tensor-parallel
+    size (the padding rounds to make_vocab_size_divisible_by x TP)."""
+    if saved_rows is None or rows is None or saved_rows == rows:
+        return
+    if saved.writer == "megatron-forge" and saved.layout.get("tensor") != layout["tensor"]:
+        return
+    raise CheckpointError(
+        f"{path} has a vocabulary of {saved_rows} rows (padded), this model {rows}: token "
+        "ids would not match their embeddings (megatron-core would load it silently and "
+        "leave rows untrained). Make the padded sizes equal: model.vocab_size (default: the "
+        "tokenizer's size) rounded up to a multiple of model.make_vocab_size_divisible_by x "
+        "parallel.tensor. For a Megatron-LM checkpoint, count the ids its tokenizer adds "
+        "(its SentencePiece tokenizer adds 4: <CLS>, <SEP>, <EOD>, <MASK>) and set "
+        "model.vocab_size and model.make_vocab_size_divisible_by to its values"
+    )
+
+
+def _rng_to_load(
+    ckpt_cfg: CheckpointConfig, with_optimizer: bool, saved: SavedCheckpoint, path: Path
+) -> Optional[str]:
+    if not (ckpt_cfg.load_rng and with_optimizer and saved.rng):
+        return None
+    layout = parallel_layout()
+    # RNG states are per (PP, TP, CP, DP) rank; EP does not change that grid (except in
+    # Megatron-LM's layout, which adds DP with expert parallelism).
+    keys = ("pipeline", "tensor", "context", "data")
+    if saved.rng == "megatron":
+        keys += ("expert",)
+    if all(saved.layout.get(k) == layout[k] for k in keys):
+        return saved.rng
+    shown = {k: v for k, v in saved.layout.items() if k != "model_chunks"}
+    _warn(
+        f"{path} was saved under layout {shown}, this run is {layout}: RNG states are not "
+        "restored (reseeded from train.seed)"
+    )
+    return None
+
+
+def _load_strategy(ckpt_cfg: CheckpointConfig, path: Path) -> Any:
+    """megatron-core's default reader, spread over data-parallel (+context) ranks with
+    ``checkpoint.fully_parallel_load``."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.serialization import get_default_load_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+        FullyParallelLoadStrategyWrapper,
+    )
+
+    strategy = get_default_load_sharded_strategy(str(path))
+    group = ps.get_data_parallel_group(with_context_parallel=True)
+    if ckpt_cfg.fully_parallel_load and dist.get_world_size(group) > 1:
+        strategy = FullyParallelLoadStrategyWrapper(strategy, group)
+    return strategy
+
+
 def load_checkpoint(
     root: str | Path,
     model_chunks: list[Any],
@@ -105,22 +289,21 @@ def load_checkpoint(
     # Every pickle of the iteration is read with an allowlist first (rank 0; the others
     # get its verdict), since megatron-core's load unpickles .metadata and the sharded
     # objects without restriction: a shared checkpoint must not run code.
-    common = on_rank0(lambda: check_safe_to_load(path))
-    with_optimizer = ckpt_cfg.load_optimizer and common.get("has_optimizer", True)
-    saved_layout, layout = common.get("layout", {}), parallel_layout()
-    # RNG states are per (PP, TP, CP, DP) rank; EP does not change that grid.
-    same_layout = all(
-        saved_layout.get(k) == layout[k] for k in ("pipeline", "tensor", "context", "data")
-    )
-    with_rng = ckpt_cfg.load_rng and with_optimizer and same_layout
-    if ckpt_cfg.load_rng and with_optimizer and not same_layout:
-        _warn(
-            f"{path} was saved under layout {common.get('layout')}, this run is "
-            f"{layout}: RNG states are not restored (reseeded from train.seed)"
-        )
-    sharded = sharded_state(model_chunks, optimizer, with_optimizer, with_rng, is_loading=True)
+    common, saved_rows = on_rank0(lambda: (check_safe_to_load(path), saved_vocab_rows(path)))
+    saved = describe_checkpoint(common)
+    layout = {**parallel_layout(), "model_chunks": len(model_chunks)}
+    check_vocab(saved_rows, _model_vocab_rows(model_chunks), saved, layout, path)
+    with_optimizer = ckpt_cfg.load_optimizer and saved.has_optimizer
+    if with_optimizer:
+        check_optimizer_layout(saved, layout, path, root)
+    rng = _rng_to_load(ckpt_cfg, with_optimizer, saved, path)
+    metadata = optimizer_metadata(saved.sharding, saved.content)
+    if saved.content is None:  # written without content metadata: its exact keys
+        metadata = {k: v for k, v in metadata.items() if k != "chained_optim_avoid_prefix"}
+        metadata["distrib_optim_sharding_type"] = saved.sharding
+    sharded = sharded_state(model_chunks, optimizer, with_optimizer, rng, True, metadata)
     try:
-        state = dist_checkpointing.load(sharded, str(path))
+        state = dist_checkpointing.load(sharded, str(path), _load_strategy(ckpt_cfg, path))
     except read_errors() as err:
         problems = verify_iteration(path)
         if not problems:
@@ -139,9 +322,34 @@ def load_checkpoint(
     resumed = TrainState(callbacks=callbacks)
     optimizer.load_state_dict(state["optimizer"])
     untie_adam_steps(optimizer)
-    scheduler.load_state_dict(state["scheduler"])
-    if with_rng:
-        set_rng_state(state["rng_state"])
+    # megatron-core's load_state_dict steps the scheduler by the saved num_steps from
+    # where it stands: a load into a scheduler that has run (a rollback) must start at 0.
+    scheduler.num_steps = 0
+    scheduler.load_state_dict(scheduler_state(state))
+    if rng == "megatron":
+        set_megatron_rng_state(state["rng_state"])
+    elif rng is not None:
+        set_rng_state(state[FORGE_RNG if rng == "forge" else "rng_state"])
     resumed.step = int(common["iteration"])
-    resumed.consumed_samples = int(common["consumed_samples"])
+    resumed.consumed_samples = consumed_samples(common)
     return resumed
+
+
+def scheduler_state(common: dict[str, Any]) -> dict[str, Any]:
+    """The scheduler's state: ours, else Megatron-LM's (``opt_param_scheduler``, or
+    ``lr_scheduler`` in its older checkpoints)."""
+    for key in ("scheduler", "opt_param_scheduler", "lr_scheduler"):
+        if key in common:
+            return common[key]
+    raise CheckpointError(
+        "the checkpoint holds no scheduler state (scheduler or opt_param_scheduler); set "
+        "checkpoint.load_optimizer=false to load its weights only"
+    )
+
+
+def consumed_samples(common: dict[str, Any]) -> int:
+    """Training samples read before the checkpoint: ours, else Megatron-LM's
+    ``args.consumed_train_samples``."""
+    if "consumed_samples" in common:
+        return int(common["consumed_samples"])
+    return int(getattr(common.get("args"), "consumed_train_samples", 0) or 0)

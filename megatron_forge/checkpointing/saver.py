@@ -12,6 +12,15 @@ checkpoint this run writes is recorded before the tracker names it, retention re
 only recorded ones (and only their checkpoint files), and a save never replaces a
 complete checkpoint this run did not write. A full disk stops the run with a message
 naming the path and the free space, the tracker still at the last complete checkpoint.
+
+Each rank writes a distinct share: with ``checkpoint.fully_parallel_save`` megatron-core's
+FullyParallelSaveStrategyWrapper spreads the tensors that data-parallel (+context) ranks
+hold in common over those ranks, so no rank writes a whole replica. The save plan and
+metadata are cached across saves of the same structure (megatron-core's cached metadata
+and shard distribution, Megatron-LM's ``--ckpt-assume-constant-structure``), so a save
+after the first ones skips the planning collectives. Each save's times are kept apart:
+planning (``last_plan_s``), staging (``last_stage_s``), the whole blocked time
+(``last_blocked_s``) and, once finished, the background write (``last_write_s``).
 """
 
 from __future__ import annotations
@@ -40,12 +49,17 @@ from megatron_forge.checkpointing.ownership import Owner, config_hash, read_owne
 from megatron_forge.checkpointing.state import (
     CALLBACK_STATES,
     CHECKPOINT_VERSION,
+    FORGE_FORMAT,
+    FORMAT_VERSION,
     TrainState,
+    content_metadata,
+    megatron_args,
+    optimizer_metadata,
     parallel_layout,
     sharded_state,
 )
 from megatron_forge.config import CheckpointConfig
-from megatron_forge.errors import CheckpointError
+from megatron_forge.errors import CheckpointError, ConfigError
 from megatron_forge.utils import device, world_size
 
 
@@ -58,14 +72,36 @@ class Checkpointer:
     """
 
     def __init__(self, root: str | Path, cfg: CheckpointConfig) -> None:
-        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
-
         self.root = Path(root)
         self.cfg = cfg
-        self.queue = AsyncCallsQueue() if cfg.async_save else None
+        if cfg.async_save and cfg.persistent_writer and not torch.cuda.is_available():
+            # The persistent writer receives the tensors through shared memory: on CPU
+            # that is the live parameters themselves (staging copies only from a GPU),
+            # which the next steps change while it writes.
+            raise ConfigError(
+                "checkpoint.persistent_writer=true needs GPUs: on CPU the writer would "
+                "write the live tensors while training changes them; set it to false"
+            )
+        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+        self.queue = AsyncCallsQueue(persistent=cfg.persistent_writer) if cfg.async_save else None
         self.last_save_time = time.monotonic()
         self.last_blocked_s = 0.0
         """Seconds the last save held up training (staging, or the whole write if sync)."""
+        self.last_plan_s = 0.0
+        """Of those, building the sharded state and planning the write (in which
+        megatron-core also copies tensor views into contiguous buffers)."""
+        self.last_stage_s = 0.0
+        """Of those, staging the tensors for the background writer (async only)."""
+        self.last_write_s: Optional[float] = None
+        """Seconds from the end of staging until every rank had written the last finished
+        save (observed when it is finalized, so at most one step late); None until then."""
+        self.written: Optional[tuple[int, float]] = None
+        """(iteration, write seconds) of a save finished since the caller last took it."""
+        self._strategies: dict[bool, Any] = {}
+        """Save strategies by structure (with or without optimizer state): each keeps its
+        cached plan, metadata and shard distribution across saves."""
+        self._scheduled_at = 0.0
         self.pending_iteration: Optional[int] = None
         """Iteration being written in the background, if any."""
         self._owner: Optional[Owner] = None
@@ -101,7 +137,11 @@ class Checkpointer:
         # Before the first step the optimizer holds no state to save (megatron's
         # distributed optimizer refuses); such a checkpoint is an initialization.
         with_optimizer = step > 0
-        sharded = sharded_state(model_chunks, optimizer, with_optimizer, True, is_loading=False)
+        metadata = optimizer_metadata(self.cfg.optimizer_format)
+        sharded = sharded_state(
+            model_chunks, optimizer, with_optimizer, "save", is_loading=False, metadata=metadata
+        )
+        layout = parallel_layout()
         sharded.update(
             {
                 "iteration": step,
@@ -109,31 +149,71 @@ class Checkpointer:
                 "has_optimizer": with_optimizer,
                 "scheduler": scheduler.state_dict(),
                 "config": config,
-                "layout": parallel_layout(),
+                "layout": layout,
+                "model_chunks": len(model_chunks),
                 CALLBACK_STATES: {key: dict(value) for key, value in state.callbacks.items()},
                 "checkpoint_version": CHECKPOINT_VERSION,
+                FORGE_FORMAT: FORMAT_VERSION,
+                # Megatron-LM's own common entries, so that its loader resumes this.
+                "args": megatron_args(config, state, layout, with_optimizer),
+                "opt_param_scheduler": scheduler.state_dict(),
+                "num_floating_point_operations_so_far": 0,
             }
         )
         from megatron.core import dist_checkpointing
 
+        strategy, first = self._strategy(with_optimizer)
         try:
             request = dist_checkpointing.save(
-                sharded, str(target), async_sharded_save=self.queue is not None
+                sharded,
+                str(target),
+                strategy,
+                async_sharded_save=self.queue is not None,
+                validate_access_integrity=first,
+                content_metadata=content_metadata(metadata),
             )
         except BaseException as err:  # torch wraps failures in a BaseException
             self._raise_if_disk_full(err, step)
             raise
+        self.last_plan_s = time.perf_counter() - start
         finish = partial(self._finish, step)
-        if request is None:
+        if request is None:  # written already: the whole save counts as the write
+            self.last_stage_s = 0.0
+            self._scheduled_at = start
             finish()
         else:
             request.add_finalize_fn(finish)
+            staging = time.perf_counter()
             self.queue.schedule_async_request(request)
+            self._scheduled_at = time.perf_counter()
+            self.last_stage_s = self._scheduled_at - staging
             self.pending_iteration = step
         self.last_save_time = time.monotonic()
         if blocking:
             self.finalize(blocking=True)
         self.last_blocked_s = time.perf_counter() - start
+
+    def _strategy(self, with_optimizer: bool) -> tuple[Any, bool]:
+        """The save strategy for this structure, and whether it is its first save (whose
+        sharding megatron-core validates; later ones reuse the cached plan)."""
+        if with_optimizer in self._strategies:
+            return self._strategies[with_optimizer], False
+        if not dist.is_initialized():  # one process: megatron-core's default
+            return None, True
+        from megatron.core import parallel_state as ps
+        from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+            FullyParallelSaveStrategyWrapper,
+        )
+        from megatron.core.dist_checkpointing.strategies.torch import (
+            TorchDistSaveShardedStrategy,
+        )
+
+        strategy: Any = TorchDistSaveShardedStrategy("torch_dist", 1, cached_metadata=True)
+        group = ps.get_data_parallel_group(with_context_parallel=True)
+        if self.cfg.fully_parallel_save and dist.get_world_size(group) > 1:
+            strategy = FullyParallelSaveStrategyWrapper(strategy, group, do_cache_distribution=True)
+        self._strategies[with_optimizer] = strategy
+        return strategy, True
 
     def _owner_record(self, config: Optional[dict[str, Any]] = None) -> Owner:
         """Rank 0: the owner record, created for this run when the directory has none
@@ -223,6 +303,8 @@ class Checkpointer:
                 owner.iterations = [i for i in owner.iterations if i not in doomed]
                 write_owner(self.root, owner, "retention's removals are not recorded")
 
+        self.last_write_s = time.perf_counter() - self._scheduled_at
+        self.written = (step, self.last_write_s)
         try:
             on_rank0(finish)
         finally:

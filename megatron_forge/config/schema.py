@@ -24,8 +24,22 @@ def _require(condition: bool, message: str) -> None:
 
 ROPE_SCALING_FIELDS: dict[str, tuple[str, ...]] = {
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "yarn": (
+        "factor",
+        "original_max_position_embeddings",
+        "beta_fast",
+        "beta_slow",
+        "mscale",
+        "mscale_all_dim",
+    ),
 }
 """The fields each ``model.rope_scaling.type`` needs (and the only ones it may set)."""
+ROPE_SCALING_EXAMPLES = {
+    "llama3": "Llama 3.1: factor 8.0, low_freq_factor 1.0, high_freq_factor 4.0, "
+    "original_max_position_embeddings 8192",
+    "yarn": "DeepSeek-V3: factor 40.0, original_max_position_embeddings 4096, beta_fast 32.0, "
+    "beta_slow 1.0, mscale 1.0, mscale_all_dim 1.0",
+}
 
 
 @dataclass
@@ -37,13 +51,25 @@ class RopeScalingConfig:
     original_max_position_embeddings / low_freq_factor are divided by ``factor``, those
     shorter than original_max_position_embeddings / high_freq_factor are kept, and the
     ones in between are interpolated smoothly; Llama 3.1 uses factor 8, low_freq_factor 1,
-    high_freq_factor 4, original_max_position_embeddings 8192, Llama 3.2 factor 32."""
+    high_freq_factor 4, original_max_position_embeddings 8192, Llama 3.2 factor 32.
 
-    type: Optional[Literal["llama3"]] = None
+    ``yarn`` (DeepSeek-V3, with Multi-Latent Attention only): frequencies whose wavelength
+    spans fewer than beta_fast rotations over original_max_position_embeddings are kept,
+    those with more than beta_slow rotations divided by ``factor``, a linear ramp between;
+    attention logits are scaled by (0.1 * mscale_all_dim * ln(factor) + 1)^2 and the
+    rotary part of q and k by the ratio of the mscale and mscale_all_dim terms (as
+    transformers' DeepseekV3 does). DeepSeek-V3: factor 40, original_max_position_embeddings
+    4096, beta_fast 32, beta_slow 1, mscale 1.0, mscale_all_dim 1.0."""
+
+    type: Optional[Literal["llama3", "yarn"]] = None
     factor: Optional[float] = None
     low_freq_factor: Optional[float] = None
     high_freq_factor: Optional[float] = None
     original_max_position_embeddings: Optional[int] = None
+    beta_fast: Optional[float] = None
+    beta_slow: Optional[float] = None
+    mscale: Optional[float] = None
+    mscale_all_dim: Optional[float] = None
 
     def __post_init__(self) -> None:
         where = "model.rope_scaling"
@@ -59,8 +85,7 @@ class RopeScalingConfig:
                 _require(
                     value is not None,
                     f"{where}.{name} is required for {where}.type={self.type} (needs "
-                    f"{', '.join(needed)}; Llama 3.1: factor 8.0, low_freq_factor 1.0, "
-                    "high_freq_factor 4.0, original_max_position_embeddings 8192)",
+                    f"{', '.join(needed)}; {ROPE_SCALING_EXAMPLES[self.type]})",
                 )
             else:
                 _require(
@@ -84,9 +109,59 @@ class RopeScalingConfig:
                 "length the model was first trained with, e.g. 8192)",
             )
 
+        if self.type == "yarn":
+            self._check_yarn(where)
+
+    def _check_yarn(self, where: str) -> None:
+        _require(
+            self.factor >= 1.0,
+            f"{where}.factor={self.factor} must be >= 1 (1 keeps every frequency)",
+        )
+        _require(
+            self.original_max_position_embeddings > 0,
+            f"{where}.original_max_position_embeddings={self.original_max_position_embeddings} "
+            "must be positive (the context length the model was first trained with, e.g. 4096)",
+        )
+        _require(
+            0 < self.beta_slow < self.beta_fast,
+            f"{where}: beta_fast={self.beta_fast} and beta_slow={self.beta_slow} must satisfy "
+            "0 < beta_slow < beta_fast (DeepSeek-V3: 32 and 1)",
+        )
+        # transformers applies mscale only with a nonzero mscale_all_dim, megatron-core
+        # always: the two agree (and exports stay exact) when mscale is 1 or both are set.
+        _require(
+            self.mscale > 0 and self.mscale_all_dim >= 0,
+            f"{where}: mscale={self.mscale} must be > 0 and mscale_all_dim="
+            f"{self.mscale_all_dim} >= 0 (DeepSeek-V3: 1.0 and 1.0)",
+        )
+        _require(
+            self.mscale_all_dim > 0 or self.mscale == 1.0,
+            f"{where}: mscale={self.mscale} with mscale_all_dim=0 is read differently by "
+            "transformers (which then ignores mscale) and megatron-core; set mscale: 1.0 or a "
+            "nonzero mscale_all_dim",
+        )
+
     def to_dict(self) -> dict[str, Any]:
         """``type`` and the fields it uses."""
         return {"type": self.type, **{k: getattr(self, k) for k in ROPE_SCALING_FIELDS[self.type]}}
+
+
+MOE_ONLY_FIELDS = (
+    "moe_router_load_balancing_type",
+    "moe_router_score_function",
+    "moe_router_topk_scaling_factor",
+    "moe_router_enable_expert_bias",
+    "moe_router_num_groups",
+    "moe_router_group_topk",
+    "moe_z_loss_coeff",
+    "moe_expert_capacity_factor",
+    "moe_pad_expert_input_to_capacity",
+    "moe_shared_expert_intermediate_size",
+    "moe_shared_expert_gate",
+    "moe_layer_freq",
+    "moe_first_k_dense_replace",
+)
+"""MoE options a dense model (model.num_experts null) refuses when set away from default."""
 
 
 @dataclass
@@ -117,6 +192,45 @@ class ModelConfig:
     num_attention_heads. Set it when heads x head_dim differs from hidden_size (Qwen3: 128)."""
     qk_layernorm: bool = False
     """RMSNorm over each query and key head before RoPE (Qwen3's QK-norm)."""
+    multi_latent_attention: bool = False
+    """Multi-Latent Attention (DeepSeek-V2/V3, megatron-core's MLASelfAttention): queries
+    and keys/values pass through low-rank latents, each head has a part without position
+    (qk_head_dim) and a rotary part shared by all heads of a key (qk_pos_emb_head_dim).
+    num_query_groups and head_dim do not apply."""
+    q_lora_rank: Optional[int] = None
+    """MLA: rank of the query latent (DeepSeek-V3: 1536); null: no query compression (a
+    full q projection, as DeepSeek-V2-Lite)."""
+    kv_lora_rank: Optional[int] = None
+    """MLA: rank of the key/value latent (DeepSeek-V3: 512); required with MLA."""
+    qk_head_dim: Optional[int] = None
+    """MLA: per-head query/key channels without RoPE (qk_nope_head_dim; DeepSeek-V3: 128)."""
+    qk_pos_emb_head_dim: Optional[int] = None
+    """MLA: per-head query/key channels with RoPE (qk_rope_head_dim; DeepSeek-V3: 64)."""
+    v_head_dim: Optional[int] = None
+    """MLA: per-head value channels (DeepSeek-V3: 128)."""
+    mtp_num_layers: Optional[int] = None
+    """Multi-token prediction (DeepSeek-V3): this many extra layers after the decoder, the
+    k-th predicting the token k+1 positions ahead; null: none. They sit on the last
+    pipeline stage; their loss is added to the language-model loss."""
+    mtp_loss_scaling_factor: float = 0.1
+    """Weight of the MTP loss (averaged over the MTP layers) added to the training loss
+    (DeepSeek-V3: 0.3 early, then 0.1)."""
+    attention_backend: Optional[Literal["te", "sdpa", "local"]] = None
+    """Core attention: ``te`` (Transformer Engine's layer spec and fused attention),
+    ``sdpa`` (megatron-core's local spec with torch's scaled_dot_product_attention: flash /
+    memory-efficient kernels, no s x s score matrix), ``local`` (megatron-core's local spec
+    and its unfused softmax). null: te when Transformer Engine is usable, else sdpa on CUDA
+    and local on CPU. Checkpoints load under any of them (docs/gpu.md)."""
+    gradient_accumulation_fusion: Optional[bool] = None
+    """Accumulate weight gradients into the fp32 main_grad inside the weight-gradient GEMM
+    (apex's fused_weight_gradient_mlp_cuda, as megatron-core checks); null: on when that
+    kernel imports on CUDA."""
+    apply_rope_fusion: Optional[bool] = None
+    """Transformer Engine's fused RoPE kernel; null: on when TE is usable."""
+    bias_dropout_fusion: Optional[bool] = None
+    """megatron-core's fused (jit-scripted) bias-dropout-add; null: on with CUDA."""
+    bias_activation_fusion: Optional[bool] = None
+    """megatron-core's fused bias-SwiGLU/GeLU; null: on with CUDA."""
     norm_epsilon: float = 1e-5
     vocab_size: Optional[int] = None
     """Tokenizer vocabulary; default: read from data.tokenizer. Padded for TP at build."""
@@ -134,6 +248,50 @@ class ModelConfig:
     """Token dispatch: alltoall (EP default), allgather, or flex (DeepEP, CUDA only)."""
     moe_grouped_gemm: Optional[bool] = None
     """One grouped GEMM for all local experts (TE); None: on when TE is usable."""
+    moe_router_load_balancing_type: Literal[
+        "aux_loss", "seq_aux_loss", "global_aux_loss", "none"
+    ] = "aux_loss"
+    """Load-balancing loss: aux_loss (per microbatch, GShard/Switch), seq_aux_loss (per
+    sequence, DeepSeek-V2/V3), global_aux_loss (over the global batch), or none (e.g.
+    aux-loss-free balancing by expert bias alone; then moe_aux_loss_coeff must be 0)."""
+    moe_router_score_function: Literal["softmax", "sigmoid"] = "softmax"
+    """Router scores: softmax (Mixtral, Qwen-MoE) or sigmoid (DeepSeek-V3)."""
+    moe_router_norm_topk_prob: bool = True
+    """Renormalize the top-k routing weights to sum to 1 (Hugging Face's norm_topk_prob).
+    softmax: true takes the softmax over the top-k logits, false the top-k of the softmax
+    over all experts (needed for top-1); sigmoid is always renormalized (top-k > 1)."""
+    moe_router_topk_scaling_factor: Optional[float] = None
+    """Multiplies the routing weights (DeepSeek-V3's routed_scaling_factor, 2.5); null: 1."""
+    moe_router_enable_expert_bias: bool = False
+    """Aux-loss-free balancing: a per-expert bias added to the scores for the top-k choice
+    only, moved after every step towards equal load (sigmoid scoring only)."""
+    moe_router_bias_update_rate: float = 1e-3
+    """How far each step moves the expert bias (DeepSeek-V3: 1e-3)."""
+    moe_router_num_groups: Optional[int] = None
+    """Group-limited routing: experts fall into this many equal groups (e.g. one per node)."""
+    moe_router_group_topk: Optional[int] = None
+    """Group-limited routing: each token chooses its top-k experts within this many groups."""
+    moe_z_loss_coeff: Optional[float] = None
+    """Router z-loss coefficient (ST-MoE; 1e-3 is a common start); null: off."""
+    moe_expert_capacity_factor: Optional[float] = None
+    """Token dropping: each expert takes at most factor x tokens x top-k / experts tokens
+    per microbatch; null: no capacity limit, no token is dropped."""
+    moe_pad_expert_input_to_capacity: bool = False
+    """With a capacity factor: pad every expert's input to its capacity (static shapes)."""
+    moe_token_drop_policy: Literal["probs", "position"] = "probs"
+    """With a capacity factor: drop the tokens of lowest routing weight (probs) or the
+    latest in the sequence (position)."""
+    moe_shared_expert_intermediate_size: Optional[int] = None
+    """Total inner size of the shared experts every token passes through (DeepSeek: one
+    expert of moe_ffn_hidden_size); null: no shared expert."""
+    moe_shared_expert_gate: bool = False
+    """Scale the shared experts' output by a learned sigmoid gate per token (Qwen2-MoE)."""
+    moe_layer_freq: int | list[int] = 1
+    """Which layers are MoE: an int N (every N-th layer, from layer 0, is MoE; 1: all) or a
+    list of 0/1 per layer (1: MoE, 0: dense SwiGLU of ffn_hidden_size)."""
+    moe_first_k_dense_replace: Optional[int] = None
+    """Shorthand for DeepSeek's first_k_dense_replace: the first k layers are dense, the rest
+    MoE (sets moe_layer_freq to that list; leave moe_layer_freq at 1)."""
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length"):
@@ -159,6 +317,8 @@ class ModelConfig:
             )
         if isinstance(self.rope_scaling, dict):  # built in code rather than by the loader
             self.rope_scaling = RopeScalingConfig(**self.rope_scaling)
+        self._check_latent_attention()
+        self._check_mtp()
         _require(
             self.num_attention_heads % self.num_query_groups == 0,
             f"model.num_attention_heads={self.num_attention_heads} is not divisible by "
@@ -178,11 +338,248 @@ class ModelConfig:
             )
             if self.moe_ffn_hidden_size is None:
                 self.moe_ffn_hidden_size = self.ffn_hidden_size
+        if self.num_experts is not None and self.num_experts >= 2:  # fewer: the family says
+            self._check_router()
+            self._check_capacity()
+            self._resolve_moe_layers()
+        elif self.num_experts is None:
+            self._check_dense_has_no_moe_options()
+
+    def _check_router(self) -> None:
+        k, n = self.moe_router_topk, self.num_experts
+        if self.moe_router_load_balancing_type == "none":
+            _require(
+                self.moe_aux_loss_coeff == 0,
+                f"model.moe_aux_loss_coeff={self.moe_aux_loss_coeff} has no effect with "
+                "model.moe_router_load_balancing_type=none; set moe_aux_loss_coeff=0 or choose "
+                "aux_loss, seq_aux_loss or global_aux_loss",
+            )
+        _require(
+            self.moe_aux_loss_coeff >= 0,
+            f"model.moe_aux_loss_coeff={self.moe_aux_loss_coeff} must be >= 0",
+        )
+        if self.moe_router_score_function == "softmax":
+            _require(
+                not (k == 1 and self.moe_router_norm_topk_prob),
+                "model.moe_router_topk=1 with model.moe_router_norm_topk_prob=true gives every "
+                "token the weight 1 and the router no gradient; set "
+                "moe_router_norm_topk_prob=false (softmax over all experts, then top-1)",
+            )
+        else:
+            _require(
+                self.moe_router_norm_topk_prob or k == 1,
+                "model.moe_router_score_function=sigmoid always renormalizes the top-k "
+                "weights (megatron-core); set model.moe_router_norm_topk_prob=true",
+            )
+        _require(
+            not self.moe_router_enable_expert_bias or self.moe_router_score_function == "sigmoid",
+            "model.moe_router_enable_expert_bias=true (aux-loss-free balancing) needs "
+            "model.moe_router_score_function=sigmoid",
+        )
+        _require(
+            self.moe_router_bias_update_rate >= 0,
+            f"model.moe_router_bias_update_rate={self.moe_router_bias_update_rate} must be >= 0",
+        )
+        _require(
+            self.moe_router_topk_scaling_factor is None or self.moe_router_topk_scaling_factor > 0,
+            f"model.moe_router_topk_scaling_factor={self.moe_router_topk_scaling_factor} must "
+            "be positive (DeepSeek-V3: 2.5), or null for no scaling",
+        )
+        _require(
+            self.moe_z_loss_coeff is None or self.moe_z_loss_coeff > 0,
+            f"model.moe_z_loss_coeff={self.moe_z_loss_coeff} must be positive, or null for no "
+            "z-loss",
+        )
+        groups, group_k = self.moe_router_num_groups, self.moe_router_group_topk
+        _require(
+            (groups is None) == (group_k is None),
+            "group-limited routing needs both model.moe_router_num_groups and "
+            f"model.moe_router_group_topk (got {groups} and {group_k}); set both or neither",
+        )
+        if groups is not None:
+            _require(
+                groups >= 1 and n % groups == 0,
+                f"model.moe_router_num_groups={groups} does not divide model.num_experts={n}; "
+                "experts are split into equal groups",
+            )
+            _require(
+                1 <= group_k <= groups,
+                f"model.moe_router_group_topk={group_k} must be in [1, "
+                f"model.moe_router_num_groups={groups}]",
+            )
+            _require(
+                k % group_k == 0 and k // group_k <= n // groups,
+                f"model.moe_router_topk={k} must be a multiple of model.moe_router_group_topk="
+                f"{group_k} and pick at most the {n // groups} experts of each group",
+            )
+
+    def _check_capacity(self) -> None:
+        factor = self.moe_expert_capacity_factor
+        _require(
+            factor is None or factor > 0,
+            f"model.moe_expert_capacity_factor={factor} must be positive (1.0: an expert takes "
+            "its even share of tokens), or null for no token dropping",
+        )
+        _require(
+            not self.moe_pad_expert_input_to_capacity or factor is not None,
+            "model.moe_pad_expert_input_to_capacity=true needs model.moe_expert_capacity_factor",
+        )
+        _require(
+            self.moe_shared_expert_intermediate_size is None
+            or self.moe_shared_expert_intermediate_size > 0,
+            f"model.moe_shared_expert_intermediate_size={self.moe_shared_expert_intermediate_size}"
+            " must be positive, or null for no shared expert",
+        )
+        _require(
+            not self.moe_shared_expert_gate or self.moe_shared_expert_intermediate_size is not None,
+            "model.moe_shared_expert_gate=true needs model.moe_shared_expert_intermediate_size",
+        )
+
+    def _resolve_moe_layers(self) -> None:
+        n, freq, first_k = self.num_layers, self.moe_layer_freq, self.moe_first_k_dense_replace
+        if first_k is not None:
+            resolved = [0] * first_k + [1] * (n - first_k)
+            _require(
+                freq in (1, resolved),  # the resolved list: a stored config reloaded
+                f"model.moe_first_k_dense_replace={first_k} and model.moe_layer_freq={freq} "
+                "both choose the dense layers; set only one",
+            )
+            _require(
+                0 <= first_k < n,
+                f"model.moe_first_k_dense_replace={first_k} must be in [0, model.num_layers={n})"
+                " (at least one MoE layer)",
+            )
+            self.moe_layer_freq = freq = resolved if first_k else 1
+        if isinstance(freq, (list, tuple)):
+            _require(
+                len(freq) == n and all(v in (0, 1) for v in freq) and 1 in freq,
+                f"model.moe_layer_freq={list(freq)} must list 0 (dense) or 1 (MoE) for each of "
+                f"the model.num_layers={n} layers, with at least one 1",
+            )
+            self.moe_layer_freq = [int(v) for v in freq]
+        else:
+            _require(
+                isinstance(freq, int) and not isinstance(freq, bool) and 1 <= freq <= n,
+                f"model.moe_layer_freq={freq!r} must be an int in [1, model.num_layers={n}] "
+                "(every N-th layer is MoE) or a list of 0/1 per layer",
+            )
+
+    def _check_dense_has_no_moe_options(self) -> None:
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        changed = [
+            name
+            for name in MOE_ONLY_FIELDS
+            if getattr(self, name) != defaults[name] and getattr(self, name) is not None
+        ]
+        _require(
+            not changed,
+            f"model.{changed[0] if changed else ''} is an MoE option but model.num_experts is "
+            "not set; set model.num_experts or remove it",
+        )
+
+    def moe_layer_pattern(self) -> list[int]:
+        """1 for each MoE layer, 0 for each dense one (all 0 for a dense model)."""
+        if self.num_experts is None:
+            return [0] * self.num_layers
+        freq = self.moe_layer_freq
+        if isinstance(freq, list):
+            return list(freq)
+        return [int(i % freq == 0) for i in range(self.num_layers)]
+
+    def _check_latent_attention(self) -> None:
+        mla_fields = ("q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim")
+        if not self.multi_latent_attention:
+            stray = [name for name in (*mla_fields, "v_head_dim") if getattr(self, name)]
+            _require(
+                not stray,
+                f"model.{stray[0] if stray else ''} is a Multi-Latent Attention field; set "
+                "model.multi_latent_attention=true or remove it",
+            )
+            _require(
+                self.rope_scaling is None or self.rope_scaling.type != "yarn",
+                "model.rope_scaling.type=yarn is implemented for Multi-Latent Attention only "
+                "(model.multi_latent_attention=true, family deepseek_v3); use type llama3 or "
+                "null for standard attention",
+            )
+            return
+        missing = [
+            name
+            for name in ("kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim")
+            if getattr(self, name) is None
+        ]
+        _require(
+            not missing,
+            f"model.multi_latent_attention=true needs model.{', model.'.join(missing)} "
+            "(DeepSeek-V3: kv_lora_rank 512, qk_head_dim 128, qk_pos_emb_head_dim 64, "
+            "v_head_dim 128; q_lora_rank 1536 or null)",
+        )
+        for name in (*mla_fields, "v_head_dim"):
+            value = getattr(self, name)
+            _require(
+                value is None or value > 0,
+                f"model.{name}={value} must be positive"
+                + (" (or null for no query compression)" if name == "q_lora_rank" else ""),
+            )
+        _require(
+            self.qk_pos_emb_head_dim % 2 == 0,
+            f"model.qk_pos_emb_head_dim={self.qk_pos_emb_head_dim} must be even (RoPE rotates "
+            "pairs of channels)",
+        )
+        _require(
+            self.num_query_groups == self.num_attention_heads and self.head_dim is None,
+            "model.num_query_groups and model.head_dim do not apply to Multi-Latent Attention "
+            "(every head has its own keys and values of qk_head_dim + qk_pos_emb_head_dim and "
+            "v_head_dim channels); remove them",
+        )
+        _require(
+            self.rope_scaling is None or self.rope_scaling.type == "yarn",
+            f"model.rope_scaling.type={self.rope_scaling.type if self.rope_scaling else None} "
+            "is not available with Multi-Latent Attention (megatron-core's MLA implements "
+            "plain RoPE and YaRN); use type yarn or null",
+        )
+
+    def _check_mtp(self) -> None:
+        if self.mtp_num_layers is None:
+            return
+        _require(
+            self.mtp_num_layers >= 1,
+            f"model.mtp_num_layers={self.mtp_num_layers} must be >= 1, or null for no "
+            "multi-token prediction",
+        )
+        _require(
+            self.mtp_loss_scaling_factor >= 0,
+            f"model.mtp_loss_scaling_factor={self.mtp_loss_scaling_factor} must be >= 0 "
+            "(DeepSeek-V3: 0.1)",
+        )
 
     @property
     def attention_head_dim(self) -> int:
         """Channels per head: model.head_dim, or hidden_size / num_attention_heads."""
         return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    MACHINE_CHOICES = (
+        "attention_backend",
+        "gradient_accumulation_fusion",
+        "apply_rope_fusion",
+        "bias_dropout_fusion",
+        "bias_activation_fusion",
+    )
+    """Fields that choose kernels, not the model: the same weights compute the same
+    function under any of their values."""
+
+    def for_this_machine(self) -> ModelConfig:
+        """This model with its kernel choices (MACHINE_CHOICES) left automatic: how a
+        checkpoint's stored model section is rebuilt elsewhere, e.g. on a CPU for
+        conversion, when it was trained with Transformer Engine attention or fusions."""
+        return dataclasses.replace(self, **dict.fromkeys(self.MACHINE_CHOICES))
+
+    def resolved_attention_backend(self, te_available: bool, cuda_available: bool) -> str:
+        """model.attention_backend, or the automatic choice when it is null."""
+        if self.attention_backend is not None:
+            return self.attention_backend
+        if te_available:
+            return "te"
+        return "sdpa" if cuda_available else "local"
 
 
 @dataclass
@@ -193,6 +590,16 @@ class ParallelConfig:
     """Model chunks per pipeline rank (interleaved 1F1B); None for plain 1F1B."""
     context: int = 1
     expert: int = 1
+    expert_tensor: Optional[int] = None
+    """Expert-tensor parallel size (ETP): how many ranks split each expert's matrices; null:
+    parallel.tensor (megatron-core's default). ETP=1 with TP>1 keeps experts whole and
+    spreads them over more expert-parallel x expert-data-parallel ranks."""
+    layers_in_first_stage: Optional[int] = None
+    """Uneven pipeline: layers of the first stage (e.g. fewer, it also holds the
+    embedding); null: an even share. The other stages split the rest evenly."""
+    layers_in_last_stage: Optional[int] = None
+    """Uneven pipeline: layers of the last stage (e.g. fewer, it also holds the output
+    layer and loss); null: an even share."""
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = True
     """ZeRO-1: shard optimizer state over data-parallel ranks."""
@@ -210,6 +617,15 @@ class ParallelConfig:
     def __post_init__(self) -> None:
         for name in ("tensor", "pipeline", "context", "expert"):
             _require(getattr(self, name) >= 1, f"parallel.{name} must be >= 1")
+        for name in ("expert_tensor", "layers_in_first_stage", "layers_in_last_stage"):
+            value = getattr(self, name)
+            _require(value is None or value >= 1, f"parallel.{name}={value} must be >= 1 or null")
+        _require(
+            self.pipeline > 1
+            or (self.layers_in_first_stage is None and self.layers_in_last_stage is None),
+            "parallel.layers_in_first_stage / layers_in_last_stage need parallel.pipeline > 1; "
+            "remove them for a single stage",
+        )
         if self.virtual_pipeline is not None:
             _require(
                 self.virtual_pipeline >= 2 and self.pipeline >= 2,
@@ -235,6 +651,29 @@ class ParallelConfig:
     @property
     def model_parallel_size(self) -> int:
         return self.tensor * self.pipeline * self.context
+
+    @property
+    def expert_tensor_size(self) -> int:
+        """ETP in effect: parallel.expert_tensor, or parallel.tensor when null."""
+        return self.tensor if self.expert_tensor is None else self.expert_tensor
+
+    @property
+    def uneven_pipeline(self) -> bool:
+        return self.layers_in_first_stage is not None or self.layers_in_last_stage is not None
+
+    def layers_per_stage(self, num_layers: int) -> list[int]:
+        """Decoder layers of each pipeline stage (virtual chunks of a rank summed), as
+        megatron-core splits them: first/last stage as set, the middle ones evenly."""
+        first, last, pp = self.layers_in_first_stage, self.layers_in_last_stage, self.pipeline
+        middle_stages = pp - (first is not None) - (last is not None)
+        rest = num_layers - (first or 0) - (last or 0)
+        even = rest // middle_stages if middle_stages else 0
+        stages = [even] * pp
+        if first is not None:
+            stages[0] = first
+        if last is not None:
+            stages[-1] = last
+        return stages
 
 
 @dataclass
@@ -656,6 +1095,22 @@ class CheckpointConfig:
     are kept, never resumed and never removed by retention, except one at an iteration
     this run saves itself, which that save replaces. Ignored by a run that resumes from
     checkpoint.save (checkpoint.load pointing at the same directory)."""
+    optimizer_format: Literal["dp_reshardable", "fully_reshardable"] = "dp_reshardable"
+    """How the distributed optimizer's state is written (Megatron-LM's names and default).
+    dp_reshardable: each rank writes its own buckets, no gather (fastest, least memory);
+    loads under the same tensor, pipeline and expert parallel sizes (and virtual pipeline
+    chunks), data parallel may change. fully_reshardable: gathered per parameter across
+    data-parallel ranks; loads under any layout. Loading reads the format a checkpoint was
+    written in, whatever this says."""
+    fully_parallel_save: bool = True
+    """Data-parallel (+context) ranks split the writing of what they hold in common, so no
+    rank writes a whole replica (Megatron-LM's --ckpt-fully-parallel-save)."""
+    fully_parallel_load: bool = True
+    """Data-parallel (+context) ranks split the reading and exchange the tensors
+    (Megatron-LM's --ckpt-fully-parallel-load)."""
+    persistent_writer: bool = False
+    """Async saves: one background writer process per rank for the whole run (megatron-core's
+    persistent caller) instead of a fork per save."""
 
     def __post_init__(self) -> None:
         _require(self.save_interval >= 0, "checkpoint.save_interval must be >= 0")
@@ -959,15 +1414,75 @@ class Config:
     def describe_layout(self, world_size: int) -> str:
         """One line: the parallel degrees and microbatches of this config on a world."""
         p = self.parallel
+        etp = f"ETP={p.expert_tensor} " if p.expert_tensor is not None else ""
+        stages = (
+            f"stages={'+'.join(map(str, p.layers_per_stage(self.model.num_layers)))} "
+            if p.uneven_pipeline
+            else ""
+        )
         return (
-            f"TP={p.tensor} PP={p.pipeline} CP={p.context} EP={p.expert} "
-            f"DP={self.data_parallel_size(world_size)} "
+            f"TP={p.tensor} PP={p.pipeline} CP={p.context} EP={p.expert} {etp}"
+            f"DP={self.data_parallel_size(world_size)} {stages}"
             f"microbatches={self.num_microbatches(world_size)}"
         )
 
     def num_microbatches(self, world_size: int) -> int:
         dp = self.data_parallel_size(world_size)
         return self.train.global_batch_size // (self.train.micro_batch_size * dp)
+
+    def _check_uneven_pipeline(self) -> None:
+        m, p = self.model, self.parallel
+        first, last, vp = p.layers_in_first_stage, p.layers_in_last_stage, p.virtual_pipeline
+        for name, value in (("layers_in_first_stage", first), ("layers_in_last_stage", last)):
+            _require(
+                value is None or not vp or value % vp == 0,
+                f"parallel.{name}={value} is not divisible by parallel.virtual_pipeline={vp} "
+                "(each virtual chunk of the stage gets the same number of layers)",
+            )
+        middle = p.pipeline - (first is not None) - (last is not None)
+        rest = m.num_layers - (first or 0) - (last or 0)
+        where = (
+            f"model.num_layers={m.num_layers} with parallel.layers_in_first_stage={first} and "
+            f"layers_in_last_stage={last} leaves {rest} layers for the {middle} middle "
+            f"stage(s) of parallel.pipeline={p.pipeline}"
+        )
+        _require(rest >= 0 and bool(rest) == bool(middle), f"{where}; every stage needs layers")
+        if middle:
+            _require(
+                rest % (middle * (vp or 1)) == 0,
+                f"{where}, not divisible by {middle}"
+                + (f" x virtual_pipeline={vp}" if vp else "")
+                + "; change the first/last stage sizes",
+            )
+        if self.recompute.granularity == "full" and self.recompute.method == "block":
+            fewest = min(p.layers_per_stage(m.num_layers)) // (vp or 1)
+            _require(
+                self.recompute.num_layers <= fewest,
+                f"recompute.num_layers={self.recompute.num_layers} exceeds the {fewest} layers "
+                "of the smallest pipeline stage (recompute.method=block)",
+            )
+
+    def _check_expert_tensor(self, world_size: int) -> None:
+        m, p = self.model, self.parallel
+        if p.expert_tensor is None:
+            return
+        etp = p.expert_tensor
+        _require(
+            m.num_experts is not None,
+            f"parallel.expert_tensor={etp} needs an MoE model (model.num_experts); remove it",
+        )
+        size = etp * p.expert * p.pipeline
+        _require(
+            world_size % size == 0,
+            f"world size {world_size} is not divisible by parallel.expert_tensor x expert x "
+            f"pipeline = {etp} x {p.expert} x {p.pipeline} = {size}; the expert layers need "
+            "ETP x EP x PP x expert-data-parallel ranks",
+        )
+        _require(
+            m.moe_ffn_hidden_size % etp == 0,
+            f"model.moe_ffn_hidden_size={m.moe_ffn_hidden_size} is not divisible by "
+            f"parallel.expert_tensor={etp}",
+        )
 
     def validate(self, world_size: int, *, cuda_available: bool, te_available: bool) -> None:
         """Check rules that involve the world size or several sections; raise ConfigError."""
@@ -990,12 +1505,35 @@ class Config:
             f"model.num_query_groups={m.num_query_groups} is not divisible by "
             f"parallel.tensor={p.tensor}",
         )
+        if m.multi_latent_attention:
+            # megatron-core's MLA splits the down projections' outputs over TP ranks.
+            for name, rows in (
+                ("q_lora_rank", m.q_lora_rank),
+                (
+                    "kv_lora_rank + model.qk_pos_emb_head_dim",
+                    m.kv_lora_rank + m.qk_pos_emb_head_dim,
+                ),
+            ):
+                _require(
+                    rows is None or rows % p.tensor == 0,
+                    f"model.{name} = {rows} is not divisible by parallel.tensor={p.tensor} "
+                    "(Multi-Latent Attention splits the latent projections over TP ranks)",
+                )
         stages = p.pipeline * (p.virtual_pipeline or 1)
-        _require(
-            m.num_layers % stages == 0,
-            f"model.num_layers={m.num_layers} is not divisible by parallel.pipeline"
-            + (f" x virtual_pipeline = {stages}" if p.virtual_pipeline else f"={p.pipeline}"),
-        )
+        if p.uneven_pipeline:
+            self._check_uneven_pipeline()
+        else:
+            _require(
+                m.num_layers % stages == 0,
+                f"model.num_layers={m.num_layers} is not divisible by parallel.pipeline"
+                + (f" x virtual_pipeline = {stages}" if p.virtual_pipeline else f"={p.pipeline}")
+                + (
+                    "; or set parallel.layers_in_first_stage / layers_in_last_stage"
+                    if p.pipeline > 1
+                    else ""
+                ),
+            )
+        self._check_expert_tensor(world_size)
         if p.virtual_pipeline:
             num_mb = t.global_batch_size // (t.micro_batch_size * dp) if dp else 0
             _require(
@@ -1008,8 +1546,8 @@ class Config:
                 m.num_experts is not None,
                 f"parallel.expert={p.expert} needs an MoE model (model.num_experts)",
             )
-            _require(
-                (dp * p.context) % p.expert == 0,
+            _require(  # with its own ETP, _check_expert_tensor checks the expert layout
+                p.expert_tensor is not None or (dp * p.context) % p.expert == 0,
                 f"parallel.expert={p.expert} must divide data-parallel x context size "
                 f"= {dp} x {p.context}; experts are spread over those ranks",
             )
@@ -1047,6 +1585,16 @@ class Config:
                 m.seq_length % (2 * p.context) == 0,
                 f"model.seq_length={m.seq_length} must be divisible by 2 x parallel.context"
                 f" = {2 * p.context} (load-balanced context parallel)",
+            )
+        self._check_attention_backend(cuda_available, te_available)
+        if m.num_experts is not None and p.tensor > 1:
+            # megatron-core's MoELayer raises at the first training step otherwise.
+            _require(
+                p.sequence_parallel,
+                f"parallel.tensor={p.tensor} with an MoE model needs "
+                "parallel.sequence_parallel=true (megatron-core trains MoE layers under TP "
+                "only with sequence parallelism); set it, or parallel.tensor=1 and spread the "
+                "experts with parallel.expert",
             )
         if p.sequence_parallel:
             # megatron-core's local spec norms (torch LayerNorm/RMSNorm) reject SP.
@@ -1086,7 +1634,7 @@ class Config:
                 where = f"data.split={d.split!r} gives it no share"
             _require(has_valid, f"train.skip_train=true needs a validation split, but {where}")
         r = self.recompute
-        if r.granularity == "full" and r.method == "block":
+        if r.granularity == "full" and r.method == "block" and not p.uneven_pipeline:
             per_stage = m.num_layers // stages
             _require(
                 r.num_layers <= per_stage,
@@ -1145,6 +1693,44 @@ class Config:
                 self.precision.params_dtype == "fp32",
                 f"precision.params_dtype={self.precision.params_dtype} is not supported on "
                 "CPU; set precision.params_dtype=fp32",
+            )
+
+    def _check_attention_backend(self, cuda_available: bool, te_available: bool) -> None:
+        """model.attention_backend and the fusions against what this machine provides."""
+        m, p = self.model, self.parallel
+        _require(
+            m.attention_backend != "te" or te_available,
+            "model.attention_backend=te needs Transformer Engine on CUDA (CUDA available: "
+            f"{cuda_available}, Transformer Engine importable: {te_available}); set "
+            "model.attention_backend: sdpa (CUDA), local, or null to choose automatically",
+        )
+        backend = m.resolved_attention_backend(te_available, cuda_available)
+        if backend != "te" and te_available:
+            # Without TE the checks below name the missing install instead.
+            te_only = {
+                f"parallel.context={p.context}": p.context > 1,
+                "parallel.sequence_parallel=true": p.sequence_parallel,
+                "parallel.tp_comm_overlap=true": p.tp_comm_overlap,
+                f"precision.fp8={self.precision.fp8}": self.precision.fp8 is not None,
+                "model.moe_grouped_gemm=true": m.moe_grouped_gemm is True,
+            }
+            asked = [name for name, on in te_only.items() if on]
+            _require(
+                not asked,
+                f"{', '.join(asked)} needs Transformer Engine's layer spec, but "
+                f"model.attention_backend={backend} builds megatron-core's local spec; set "
+                "model.attention_backend: te (or null) or turn those off",
+            )
+        _require(
+            not m.apply_rope_fusion or te_available,
+            "model.apply_rope_fusion=true needs Transformer Engine's fused RoPE kernel "
+            f"(Transformer Engine usable: {te_available}); set it null (on when available)",
+        )
+        for name in ("bias_dropout_fusion", "bias_activation_fusion"):
+            _require(
+                not getattr(m, name) or cuda_available,
+                f"model.{name}=true is a CUDA kernel and CUDA is not available; set it null "
+                "(on with CUDA)",
             )
 
     def to_dict(self) -> dict[str, Any]:

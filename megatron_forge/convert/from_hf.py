@@ -75,10 +75,19 @@ def config_from_hf(
     dtype_name = next(name for name, d in DTYPES.items() if d == dtype)
     export = generation_metadata(hf_dir, hf)
     try:
+        fields = family.model_fields(hf)
+        # megatron-core trains MoE layers under TP only with sequence parallelism; the
+        # checkpoint's layout does not depend on it.
+        sequence_parallel = tp > 1 and bool(fields.get("num_experts"))
         cfg = from_dict(
             {
-                "model": family.model_fields(hf),
-                "parallel": {"tensor": tp, "pipeline": pp, "expert": ep},
+                "model": fields,
+                "parallel": {
+                    "tensor": tp,
+                    "pipeline": pp,
+                    "expert": ep,
+                    "sequence_parallel": sequence_parallel,
+                },
                 "data": {"tokenizer": str(hf_dir) if has_tokenizer else None},
                 "precision": {"params_dtype": dtype_name},
                 "checkpoint": {"load_optimizer": False},

@@ -10,6 +10,7 @@ it after anything that must see plain torch.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Optional
 
@@ -34,6 +35,10 @@ def megatron_logits(
 
     ckpt = MegatronCheckpoint(ckpt_dir, iteration)
     cfg = from_dict({"model": ckpt.raw_config["model"], "precision": {"params_dtype": "fp32"}})
+    cfg.model = cfg.model.for_this_machine()  # e.g. trained with TE attention, read on a CPU
+    # Logits are the main model's: megatron-core's MTP layers need labels in the forward
+    # (and are not loaded without them).
+    cfg.model = dataclasses.replace(cfg.model, mtp_num_layers=None)
     padded = ckpt.shape(EMBEDDING)[0]
     cfg.model.make_vocab_size_divisible_by = padded  # pad exactly as the saving run did
     env = distributed.DistEnv(0, 1, 0, "127.0.0.1", free_port(), "single")

@@ -19,7 +19,7 @@ primitives (:class:`~megatron_forge.models.mapping.Rule`, QKV grouping, SwiGLU g
 vocabulary padding) are in :mod:`megatron_forge.models.mapping`.
 """
 
-from megatron_forge.models import llama, mixtral, qwen2, qwen3
+from megatron_forge.models import deepseek_v3, llama, mixtral, qwen2, qwen3, qwen3_moe
 from megatron_forge.models.build import (
     build_model,
     build_transformer_config,
@@ -37,7 +37,7 @@ from megatron_forge.models.registry import (
     register,
 )
 
-FAMILY_PACKAGES = (llama, qwen2, qwen3, mixtral)
+FAMILY_PACKAGES = (llama, qwen2, qwen3, mixtral, qwen3_moe, deepseek_v3)
 """The family folders: importing one registers its family."""
 
 __all__ = [

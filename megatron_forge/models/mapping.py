@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -41,6 +42,9 @@ class Rule:
     to_hf: Callable[[Tensors], Tensors]
     to_megatron: Callable[[Tensors], Tensors]
     index: tuple[int, ...] = ()
+    index_sizes: Optional[tuple[int, ...]] = None
+    """Sizes of the axes ``index`` selects; default (num_layers, num_experts)[:len(index)]
+    (set it for per-layer keys, ``decoder.layers.N.…``, whose only index is the expert)."""
 
 
 def head_dim(model: ModelConfig) -> int:
@@ -103,7 +107,7 @@ def stacked_shapes(rules: list[Rule], model: ModelConfig) -> dict[str, tuple[int
     """Global shape of every megatron key the rules touch (leading layer/expert axes added)."""
     shapes: dict[str, tuple[int, ...]] = {}
     for rule in rules:
-        lead = (model.num_layers, model.num_experts)[: len(rule.index)]
+        lead = rule.index_sizes or (model.num_layers, model.num_experts)[: len(rule.index)]
         for key, shape in rule.megatron.items():
             shapes[key] = tuple(lead) + tuple(shape)
     return shapes

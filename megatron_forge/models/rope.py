@@ -7,6 +7,14 @@ computes them (``_compute_llama3_parameters`` in its modeling_rope_utils), and i
 on each chunk's ``rotary_pos_emb`` before its first forward. They are a plain attribute of
 the module, not a buffer: checkpoints do not carry them, every build recomputes them
 from the config.
+
+YaRN (``type: yarn``, DeepSeek-V3) is megatron-core's own: Multi-Latent Attention builds a
+YarnRotaryEmbedding per layer from MLATransformerConfig fields (:func:`yarn_fields`). It
+computes the same inverse frequencies as transformers' ``_compute_yarn_parameters``; of
+the attention scaling, both scale the rotary cos/sin by mscale(factor, mscale) /
+mscale(factor, mscale_all_dim) and the attention logits by mscale(factor,
+mscale_all_dim)^2 (transformers in DeepseekV3Attention.scaling, megatron-core in its
+softmax_scale), so the logits agree (tests/models/test_rope.py).
 """
 
 from __future__ import annotations
@@ -35,6 +43,19 @@ def llama3_inv_freq(inv_freq: torch.Tensor, scaling: RopeScalingConfig) -> torch
     return torch.where(medium, smoothed, scaled)
 
 
+def yarn_fields(scaling: RopeScalingConfig) -> dict[str, Any]:
+    """megatron-core MLATransformerConfig fields for ``model.rope_scaling`` of type yarn."""
+    return dict(
+        rope_type="yarn",
+        rotary_scaling_factor=scaling.factor,
+        original_max_position_embeddings=scaling.original_max_position_embeddings,
+        beta_fast=scaling.beta_fast,
+        beta_slow=scaling.beta_slow,
+        mscale=scaling.mscale,
+        mscale_all_dim=scaling.mscale_all_dim,
+    )
+
+
 SCALINGS = {"llama3": llama3_inv_freq}
 """``model.rope_scaling.type`` -> plain inverse frequencies to scaled ones."""
 
@@ -47,8 +68,8 @@ def apply_rope_scaling(chunk: Any, model: ModelConfig) -> None:
     """Replace ``chunk.rotary_pos_emb.inv_freq`` (megatron's plain frequencies, on the
     device they were made on; megatron moves them to the GPU at the first forward) by the
     scaled ones, and drop RoPE tables cached from the plain ones."""
-    if model.rope_scaling is None:
-        return
+    if model.rope_scaling is None or model.rope_scaling.type not in SCALINGS:
+        return  # none, or built into the attention layers by megatron-core (yarn)
     rope = chunk.rotary_pos_emb
     plain = rope.inv_freq
     rope.inv_freq = scaled_inv_freq(plain.float(), model.rope_scaling).to(plain.device, plain.dtype)

@@ -11,8 +11,20 @@ and V = the padded vocabulary:
                  attention scores        2 * 2 * q * s / 2      Q K^T and softmax x V,
                                                                 causal: s/2 keys per query
                  MLP (SwiGLU)            2 * 3 * h * f * k      gate, up and down
+                 shared experts (MoE)    2 * 3 * h * f_s        f_s: their total inner size,
+                                         (+ 2 * h with a gate)  every token runs them
                  router (MoE only)       2 * h * E
+
+In an MoE model the dense layers (model.moe_layer_freq, moe_first_k_dense_replace) count
+a dense SwiGLU of ffn_hidden_size (k = 1) and no router or shared experts; only the top-k
+routed experts run per token, whatever the capacity factor drops or pads.
     once         lm head                 2 * h * V
+
+Multi-Latent Attention (model.multi_latent_attention) replaces the attention rows by its
+own (see :func:`latent_attention_flops`): the q and kv latents' down and up projections,
+and scores over keys of qk_head_dim + qk_pos_emb_head_dim and values of v_head_dim
+channels. Each multi-token prediction layer (model.mtp_num_layers) adds its projection of
+[embedding; hidden] (2 * 2h * h), a decoder layer like the last one and the lm head again.
 
 Training FLOPs = 3 x forward: the backward pass computes the gradients of the inputs and of
 the weights, each a matmul as large as the forward one. Not counted: embedding lookups,
@@ -50,12 +62,16 @@ class FlopsPerToken:
     mlp: float
     router: float
     lm_head: float
+    mtp: float = 0.0
+    """Multi-token prediction layers (model.mtp_num_layers), all their parts together."""
 
     @property
     def forward(self) -> float:
         return (
-            self.attention_projections + self.attention_scores + self.mlp + self.router
-        ) + self.lm_head
+            (self.attention_projections + self.attention_scores + self.mlp + self.router)
+            + self.lm_head
+            + self.mtp
+        )
 
     @property
     def training(self) -> float:
@@ -68,17 +84,55 @@ def flops_per_token(model: ModelConfig, vocab_size: int) -> FlopsPerToken:
     h, s, layers = model.hidden_size, model.seq_length, model.num_layers
     d = model.attention_head_dim
     q, kv = model.num_attention_heads * d, model.num_query_groups * d
-    if model.num_experts is None:
-        inner, topk, router = model.ffn_hidden_size, 1, 0
-    else:
-        inner, topk, router = model.moe_ffn_hidden_size, model.moe_router_topk, model.num_experts
+    moe_layers = sum(model.moe_layer_pattern())
+    dense_layers = layers - moe_layers
+    mlp = dense_layers * 2 * 3 * h * model.ffn_hidden_size
+    router = 0
+    if moe_layers:
+        # Only the top-k routed experts run for a token; shared experts run for every token.
+        routed = model.moe_ffn_hidden_size * model.moe_router_topk
+        shared = model.moe_shared_expert_intermediate_size or 0
+        gate = h if model.moe_shared_expert_gate else 0  # the shared experts' sigmoid gate
+        mlp += moe_layers * (2 * 3 * h * (routed + shared) + 2 * gate)
+        router = moe_layers * 2 * h * model.num_experts
+    projections, scores = layers * 2 * (2 * h * q + 2 * h * kv), layers * 2 * 2 * q * s / 2
+    if model.multi_latent_attention:
+        projections, scores = (layers * x for x in latent_attention_flops(model))
+    mtp = 0.0
+    if model.mtp_num_layers:
+        # Each MTP layer: eh_proj ([embedding; hidden] -> hidden), a decoder layer like the
+        # last one, and the output layer again for its own prediction.
+        if model.moe_layer_pattern()[-1] == 1:
+            last_mlp = (mlp - dense_layers * 2 * 3 * h * model.ffn_hidden_size + router) / (
+                moe_layers
+            )
+        else:
+            last_mlp = 2 * 3 * h * model.ffn_hidden_size
+        layer = (projections + scores) / layers + last_mlp
+        mtp = model.mtp_num_layers * (2 * 2 * h * h + layer + 2 * h * vocab_size)
     return FlopsPerToken(
-        attention_projections=layers * 2 * (2 * h * q + 2 * h * kv),
-        attention_scores=layers * 2 * 2 * q * s / 2,
-        mlp=layers * 2 * 3 * h * inner * topk,
-        router=layers * 2 * h * router,
+        attention_projections=projections,
+        attention_scores=scores,
+        mlp=mlp,
+        router=router,
         lm_head=2 * h * vocab_size,
+        mtp=mtp,
     )
+
+
+def latent_attention_flops(model: ModelConfig) -> tuple[float, float]:
+    """Multi-Latent Attention's projections and scores per layer and token: q through its
+    latent (or one projection), the kv latent with the shared rotary key, its up projection
+    to per-head keys (no RoPE part) and values, the output; scores over keys of
+    qk_head_dim + qk_pos_emb_head_dim and values of v_head_dim channels, causal."""
+    h, n, s = model.hidden_size, model.num_attention_heads, model.seq_length
+    qk = model.qk_head_dim + model.qk_pos_emb_head_dim
+    q_rank = model.q_lora_rank
+    q = h * n * qk if q_rank is None else h * q_rank + q_rank * n * qk
+    kv = h * (model.kv_lora_rank + model.qk_pos_emb_head_dim)
+    kv += model.kv_lora_rank * n * (model.qk_head_dim + model.v_head_dim)
+    out = n * model.v_head_dim * h
+    return 2 * (q + kv + out), 2 * n * (qk + model.v_head_dim) * s / 2
 
 
 def run_flops_per_token(cfg: Config, vocab_size: int) -> FlopsPerToken:
@@ -180,7 +234,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(
         f"forward FLOPs/token {f.forward:.4g} = attention projections "
         f"{f.attention_projections:.4g} + attention scores {f.attention_scores:.4g} + MLP "
-        f"{f.mlp:.4g} + router {f.router:.4g} + lm head {f.lm_head:.4g}\n"
+        f"{f.mlp:.4g} + router {f.router:.4g} + lm head {f.lm_head:.4g}"
+        + (f" + MTP {f.mtp:.4g}" if f.mtp else "")
+        + "\n"
         f"training FLOPs/token (3 x forward): {f.training:.4g}"
     )
     if args.gpu:

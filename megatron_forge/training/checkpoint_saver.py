@@ -6,6 +6,13 @@ A checkpoint is never written while the newest step's loss or gradient norm was 
 nor from parameters that are not all finite: such a save is refused with a warning (and
 a ``checkpoint_refused`` event), and a due save is retried at the next finite step. So
 the tracker and retention only ever move on to checkpoints a run can continue from.
+
+Metrics of a step that saved: ``checkpoint_blocked_s`` (the time the step was held up),
+of which ``checkpoint_plan_s`` (building the sharded state and the save plan, with
+megatron-core's copies of tensor views into contiguous buffers) and
+``checkpoint_stage_s`` (handing the tensors to the background writer); and of the step at
+which a background write was found finished, ``checkpoint_write_s`` (from the end of
+staging until every rank had written) with ``checkpoint_write_step``, the save's step.
 """
 
 from __future__ import annotations
@@ -67,13 +74,24 @@ class CheckpointSaver(Callback):
         return True
 
     def on_step_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
-        self.checkpointer.finalize(blocking=False)
-        due = self.checkpointer.due(trainer.step)
+        ck = self.checkpointer
+        ck.finalize(blocking=False)
+        due = ck.due(trainer.step)
         if due or (self.deferred and not trainer.last_step_nonfinite()):
             saved = self.save(trainer)
             self.deferred = not saved
             if saved:
-                metrics["checkpoint_blocked_s"] = self.checkpointer.last_blocked_s
+                # blocked = plan (sharded state, validation, save plan) + stage (copy for
+                # the background writer) + waiting for the previous save, if any
+                metrics["checkpoint_blocked_s"] = ck.last_blocked_s
+                # (getattr: a checkpointer without the breakdown reports the total only)
+                for name in ("plan", "stage"):
+                    if hasattr(ck, f"last_{name}_s"):
+                        metrics[f"checkpoint_{name}_s"] = getattr(ck, f"last_{name}_s")
+        written = getattr(ck, "written", None)
+        if written is not None:  # a save finished writing: its background time
+            metrics["checkpoint_write_s"], metrics["checkpoint_write_step"] = written[1], written[0]
+            ck.written = None
 
     def finish_writes(self, trainer: Trainer) -> None:
         self.checkpointer.finalize(blocking=True)

@@ -118,6 +118,10 @@ class MetricsLogger(Callback):
             parts.append(f"moe aux loss: {m['moe_aux_loss']:.4E}")
         if "moe_expert_load_imbalance" in m:
             parts.append(f"expert load imbalance: {m['moe_expert_load_imbalance']:.3f}")
+        if m.get("moe_dropped_token_fraction"):
+            parts.append(f"dropped tokens: {m['moe_dropped_token_fraction'] * 100:.2f}%")
+        mtp = sorted(k for k in m if k.startswith("mtp_") and k.endswith("_loss"))
+        parts += [f"mtp {k[4:-5]} loss: {m[k]:.6E}" for k in mtp]
         parts += [
             f"grad norm: {m['grad_norm']:.3f}",
             f"tokens/s: {m['tokens_per_s']:.1f}",

@@ -25,6 +25,7 @@ from typing import Any, Optional
 
 from megatron_forge.checkpointing import iteration_dir, iteration_to_load
 from megatron_forge.checkpointing.files import load_common_state
+from megatron_forge.checkpointing.loader import describe_checkpoint, scheduler_state
 from megatron_forge.config import Config, ExportConfig
 from megatron_forge.errors import ConfigError
 from megatron_forge.utils import is_rank0
@@ -118,7 +119,7 @@ def check_resume(cfg: Config, scheduler: Any) -> Optional[int]:
     path = iteration_dir(root, iteration)
     common = load_common_state(path)  # with the allowlist, as the load that follows
     inherit_export(cfg, common)
-    if not (cfg.checkpoint.load_optimizer and common.get("has_optimizer", True)):
+    if not (cfg.checkpoint.load_optimizer and describe_checkpoint(common).has_optimizer):
         return None  # weights only: a new run, with its own schedule from step 0
     t = cfg.train
     step = int(common["iteration"])
@@ -132,13 +133,13 @@ def check_resume(cfg: Config, scheduler: Any) -> Optional[int]:
             "train.skip_train=true to evaluate the checkpoint, or set checkpoint.load to "
             "another directory (or null) to start a new run"
         )
+    saved_scheduler = scheduler_state(common)  # ours, or Megatron-LM's
     differences = hparam_differences(
-        common.get("scheduler", {}),
+        saved_scheduler,
         scheduler.state_dict(),
         (common.get("config") or {}).get("train") or {},
         cfg.to_dict()["train"],
     )
-    saved_scheduler = common.get("scheduler", {})
     if differences and t.resume_hparams is None:
         lr = wsd_continues(saved_scheduler, scheduler, differences)
         if lr is not None:

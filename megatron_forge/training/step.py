@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from functools import partial
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -36,14 +36,35 @@ def forward_step(data_iterator: Iterator[dict[str, torch.Tensor]], model: Any) -
 
     # Context parallel: each CP rank keeps 2 of 2*CP sequence chunks (load-balanced for
     # causal attention); a no-op without CP.
-    batch = get_batch_on_this_cp_rank(next(data_iterator))
+    batch = next(data_iterator)
+    if batch["tokens"] is None and batch["labels"] is not None:
+        batch = mtp_inputs_on_last_stage(batch, model)
+    batch = get_batch_on_this_cp_rank(batch)
     output = model(
         batch["tokens"],
         batch["position_ids"],
         attention_mask=None,
         labels=batch["labels"],
+        # Multi-token prediction layers mask their own (shifted) losses with it; megatron-core
+        # adds their scaled loss to the gradient inside GPTModel. Unused without MTP.
+        loss_mask=batch["loss_mask"],
     )
     return output, partial(loss_func, batch["loss_mask"])
+
+
+def mtp_inputs_on_last_stage(batch: dict[str, Any], model: Any) -> dict[str, Any]:
+    """A last pipeline stage's batch with the inputs its multi-token prediction layers
+    embed. The data pipeline sends only the loss targets there; since ``labels`` are the
+    tokens shifted by one, tokens[:, 1:] = labels[:, :-1]. Position 0 stays a 0: the MTP
+    layer shifts its inputs one to the left (roll -1), so position 0 is never embedded.
+    Unchanged without MTP (nothing on this stage reads the inputs)."""
+    if not getattr(getattr(model, "config", None), "mtp_num_layers", None):
+        return batch
+    labels = batch["labels"]
+    tokens = torch.zeros_like(labels)
+    tokens[:, 1:] = labels[:, :-1]
+    positions = torch.arange(labels.shape[1], device=labels.device).expand_as(labels)
+    return {**batch, "tokens": tokens, "position_ids": positions.contiguous()}
 
 
 def reduce_reported_loss(losses: list[dict[str, torch.Tensor]]) -> float:
@@ -65,3 +86,29 @@ def reduce_reported_loss(losses: list[dict[str, torch.Tensor]]) -> float:
             total += item["lm loss"].to(torch.float64).cpu()
     loss_sum, count = all_reduce(total).tolist()
     return loss_sum / max(count, 1.0)
+
+
+def mtp_loss_metrics(mtp_num_layers: Optional[int], num_microbatches: int) -> dict[str, float]:
+    """This step's multi-token prediction losses, ``mtp_1_loss``... (per MTP layer, its
+    per-token loss averaged over the step's microbatches and the data-parallel ranks) from
+    megatron-core's MTP tracker, which is then cleared; empty without MTP. Every rank must
+    call it: the last pipeline stage recorded the losses, a sum over the pipeline group
+    gives them to every rank."""
+    from megatron.core import parallel_state
+    from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+
+    if not mtp_num_layers:
+        return {}
+    tracker = MTPLossLoggingHelper.tracker
+    recorded = tracker.get("values")
+    values = torch.zeros(mtp_num_layers, dtype=torch.float64)
+    if recorded is not None:
+        values += recorded.detach().to("cpu", torch.float64)
+        MTPLossLoggingHelper.clean_loss_in_tracker()
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        group = parallel_state.get_pipeline_model_parallel_group()
+        torch.distributed.all_reduce(values, group=group)
+    dp = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    torch.distributed.all_reduce(values, group=dp)
+    values /= torch.distributed.get_world_size(dp) * max(num_microbatches, 1)
+    return {f"mtp_{i + 1}_loss": float(v) for i, v in enumerate(values.tolist())}

@@ -34,6 +34,7 @@ from megatron_forge.checkpointing import (
     load_checkpoint,
 )
 from megatron_forge.config import CheckpointConfig, Config, ConfigError
+from megatron_forge.data.broadcast import batches_on_this_tp_rank
 from megatron_forge.data.datasets import (
     BatchSizes,
     build_datasets,
@@ -59,7 +60,7 @@ from megatron_forge.training.optim import (
 )
 from megatron_forge.training.ranges import annotate
 from megatron_forge.training.resume import apply_config_hparams, check_resume
-from megatron_forge.training.step import forward_step, reduce_reported_loss
+from megatron_forge.training.step import forward_step, mtp_loss_metrics, reduce_reported_loss
 from megatron_forge.utils import all_reduce, is_rank0
 
 
@@ -203,9 +204,18 @@ class Trainer:
         """One microbatch stream per model chunk (each virtual pipeline chunk consumes the
         same microbatches in its own order, as megatron's interleaved schedule expects),
         and the timer of the underlying stream, which reports each batch as ``activity``."""
+        # Tensor-parallel rank 0 reads, the rest of its group receives (data/broadcast.py).
         stream = TimedIterator(
-            microbatch_iterator(
-                dataset, self.cfg, self.dp_rank, self.dp_size, start_sample, num_steps, batch_sizes
+            batches_on_this_tp_rank(
+                lambda: microbatch_iterator(
+                    dataset,
+                    self.cfg,
+                    self.dp_rank,
+                    self.dp_size,
+                    start_sample,
+                    num_steps,
+                    batch_sizes,
+                )
             ),
             on_batch=lambda: self.progress(activity),
         )
@@ -262,6 +272,7 @@ class Trainer:
         }
         if self.moe_metrics is not None:
             metrics.update(self.moe_metrics.collect(self.num_microbatches))
+        metrics.update(mtp_loss_metrics(self.cfg.model.mtp_num_layers, self.num_microbatches))
         metrics.update(self._timing(time.perf_counter() - start, batch_size))
         return metrics
 

@@ -35,7 +35,12 @@ def _build(cfg: Any, ckpt_dir: str) -> tuple[Any, int]:
     run = from_dict(
         {
             "model": ckpt.raw_config["model"],
-            "parallel": {"tensor": cfg.parallel.tensor, "pipeline": cfg.parallel.pipeline},
+            "parallel": {
+                "tensor": cfg.parallel.tensor,
+                "pipeline": cfg.parallel.pipeline,
+                "expert": cfg.parallel.expert,
+                "expert_tensor": cfg.parallel.expert_tensor,
+            },
             "precision": {"params_dtype": "fp32"},
         }
     )
@@ -93,9 +98,46 @@ def _pp_logits(model: Any, tokens: torch.Tensor) -> torch.Tensor | None:
     return collected[0] if collected else None
 
 
+MOE_LAYOUTS = {"ep2": (1, 2, None), "tp2_etp1_ep2": (2, 2, 1)}
+"""Layouts MoE checkpoints run under too: name -> (tensor, expert, expert_tensor)."""
+
+
+def moe_layout_logits(cfg: Any, ckpts: dict[str, str], tokens: torch.Tensor, out_dir: str) -> None:
+    """Each MoE checkpoint's logits and loss under every layout of MOE_LAYOUTS (experts
+    spread over both ranks; with TP=2 ETP=1 each expert whole on its rank), saved as
+    OUT/{name}_{layout}.pt and OUT/{name}_{layout}_loss.pt."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    from megatron_forge.convert.reader import MegatronCheckpoint
+
+    moe = {
+        n: c
+        for n, c in ckpts.items()
+        if MegatronCheckpoint(c).raw_config["model"].get("num_experts")
+    }
+    for layout, (tp, ep, etp) in MOE_LAYOUTS.items() if moe else ():
+        parallel_state.destroy_model_parallel()
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tp,
+            expert_model_parallel_size=ep,
+            expert_tensor_parallel_size=etp or tp,
+        )
+        model_parallel_cuda_manual_seed(cfg.train.seed)
+        cfg.parallel.tensor, cfg.parallel.pipeline = tp, 1
+        cfg.parallel.expert, cfg.parallel.expert_tensor = ep, etp
+        for name, ckpt_dir in moe.items():
+            model, vocab = _build(cfg, ckpt_dir)
+            logits, loss = _tp_logits(model, tokens), _tp_loss(model, tokens)
+            if torch.distributed.get_rank() == 0:
+                torch.save(logits[..., :vocab].contiguous(), Path(out_dir) / f"{name}_{layout}.pt")
+                torch.save(loss, Path(out_dir) / f"{name}_{layout}_loss.pt")
+
+
 def layout_logits(cfg: Any, ckpts: dict[str, str], tokens_path: str, out_dir: str) -> None:
     """On two ranks started with parallel.tensor=2: each checkpoint's logits (real
-    vocabulary only) under TP=2, then under PP=2, saved as OUT/{name}_{tp2|pp2}.pt."""
+    vocabulary only) under TP=2, then under PP=2, saved as OUT/{name}_{tp2|pp2}.pt; MoE
+    checkpoints then under :data:`MOE_LAYOUTS` too."""
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
@@ -117,6 +159,7 @@ def layout_logits(cfg: Any, ckpts: dict[str, str], tokens_path: str, out_dir: st
             if logits is not None and (layout == "pp2" or rank == 0):
                 assert logits.shape[:2] == tokens.shape, (name, layout, logits.shape)
                 torch.save(logits[..., :vocab].contiguous(), Path(out_dir) / f"{name}_{layout}.pt")
+    moe_layout_logits(cfg, ckpts, tokens, out_dir)
 
 
 def main(argv: list[str]) -> int:

@@ -1,6 +1,8 @@
-"""Llama 3.x and Qwen3 from transformers-built random models: ``from-hf``, megatron's
-forward under TP=2 and PP=2 equal to transformers' logits (fp32), ``to-hf`` giving back
-the very tensors and the RoPE, head size and QK-norm of the original config."""
+"""Llama 3.x, Qwen3 and Qwen3-MoE from transformers-built random models: ``from-hf``,
+megatron's forward under TP=2 and PP=2 (MoE: also EP=2, and TP=2 with ETP=1) equal to
+transformers' logits (fp32), ``to-hf`` giving back the very tensors (Qwen3-MoE: under the
+per-expert names hub checkpoints and transformers 5's save_pretrained use) and the RoPE,
+head size, QK-norm and routing of the original config."""
 
 from __future__ import annotations
 
@@ -27,6 +29,18 @@ ATOL = 1e-4
 # wavelengths fall in all three bands of Llama 3's scaling (kept < 8 <= smoothed <= 32 <
 # divided by factor) within 48 positions.
 LLAMA3 = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+QWEN3_MOE = dict(
+    vocab_size=2048,
+    hidden_size=64,
+    intermediate_size=128,
+    moe_intermediate_size=32,
+    num_experts=4,
+    num_experts_per_tok=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+    rope_theta=1000000.0,
+)
 SHAPES = {
     # Llama 3.1: scaled RoPE (factor 8), untied, GQA.
     "llama3_1": (
@@ -71,7 +85,18 @@ SHAPES = {
             tie_word_embeddings=True,
         ),
     ),
+    # Qwen3-MoE as Qwen3-30B-A3B routes: top-k weights renormalized (norm_topk_prob),
+    # untied; QK-norm, head_dim 32 != 64 / 4. Also under EP=2 and TP=2 with ETP=1.
+    "qwen3_moe": ("qwen3_moe", dict(QWEN3_MOE, norm_topk_prob=True, tie_word_embeddings=False)),
+    # transformers' default routing: the top-k of the full softmax as they are; tied; the
+    # first layer dense (mlp_only_layers: megatron-core then saves each layer on its own).
+    "qwen3_moe_plain": (
+        "qwen3_moe",
+        dict(QWEN3_MOE, norm_topk_prob=False, tie_word_embeddings=True, mlp_only_layers=[0]),
+    ),
 }
+MOE_LAYOUTS = ("ep2", "tp2_etp1_ep2")
+"""tests/convert/family_worker.MOE_LAYOUTS, which MoE shapes run under too."""
 
 
 def _random_model(model_type: str, fields: dict, out: Path, seed: int) -> None:
@@ -90,6 +115,8 @@ def _random_model(model_type: str, fields: dict, out: Path, seed: int) -> None:
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.uniform_(0.5, 1.5)
+            elif name.endswith("mlp.gate.weight"):  # MoE router: no near-tie picks experts
+                p.normal_(0.0, 1.0)
     model.save_pretrained(str(out))
 
 
@@ -149,7 +176,8 @@ def families_run(sample_data: Path, tmp_path_factory: pytest.TempPathFactory) ->
 def test_megatron_equals_transformers_under_tp2_and_pp2(families_run: dict, name: str) -> None:
     hf_dir = families_run["dirs"][name][0]
     expected = _hf_logits(hf_dir, families_run["tokens"])
-    for layout in ("tp2", "pp2"):
+    moe = SHAPES[name][0] == "qwen3_moe"
+    for layout in ("tp2", "pp2", *(MOE_LAYOUTS if moe else ())):
         ours = torch.load(families_run["root"] / f"{name}_{layout}.pt")
         assert ours.shape == expected.shape, layout
         diff = (ours - expected).abs().max().item()
@@ -169,6 +197,9 @@ def test_megatron_loss_equals_transformers_loss(families_run: dict, name: str) -
         expected = model(tokens, labels=tokens).loss.item()
     ours = torch.load(families_run["root"] / f"{name}_loss.pt").item()
     assert abs(ours - expected) <= 1e-5 * expected, (name, ours, expected)
+    for layout in MOE_LAYOUTS if SHAPES[name][0] == "qwen3_moe" else ():
+        ours = torch.load(families_run["root"] / f"{name}_{layout}_loss.pt").item()
+        assert abs(ours - expected) <= 1e-5 * expected, (name, layout, ours, expected)
 
 
 @pytest.mark.parametrize("name", list(SHAPES))
@@ -191,6 +222,12 @@ def test_to_hf_gives_back_the_original(families_run: dict, name: str) -> None:
     scaling = SHAPES[name][1].get("rope_scaling")
     assert written["rope_scaling"] == scaling
     assert written["rope_theta"] == SHAPES[name][1]["rope_theta"]
+    if SHAPES[name][0] == "qwen3_moe":  # per-expert names on disk, routing kept
+        assert "model.layers.1.mlp.experts.3.gate_proj.weight" in original
+        for field in ("num_experts", "num_experts_per_tok", "moe_intermediate_size"):
+            assert getattr(after, field) == getattr(before, field), field
+        for field in ("norm_topk_prob", "mlp_only_layers", "decoder_sparse_step"):
+            assert getattr(after, field) == getattr(before, field), field
 
 
 # TensorRT-LLM checkpoints (trtllm-build's input) of the new shapes: Llama 3 with its
@@ -226,3 +263,15 @@ def test_to_trtllm(families_run: dict, name: str, tmp_path: Path) -> None:
         assert sorted(got) == sorted(expected_rank), rank
         for key, tensor in expected_rank.items():
             assert torch.equal(got[key], tensor.contiguous()), (rank, key)
+
+
+def test_to_trtllm_refuses_qwen3_moe(
+    families_run: dict, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """to-trtllm places Mixtral's expert names only: Qwen3-MoE is refused, with the way
+    to serve it (its Hugging Face export with TensorRT-LLM's PyTorch backend)."""
+    _, ckpt, _ = families_run["dirs"]["qwen3_moe"]
+    assert convert_in_process("to-trtllm", ckpt, tmp_path / "trt", "--tp", "1") == 2
+    err = capsys.readouterr().err
+    assert "model.family=qwen3_moe" in err and "trtllm-serve" in err, err
+    assert not (tmp_path / "trt").exists()

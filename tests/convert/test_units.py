@@ -14,7 +14,7 @@ from megatron_forge.convert.files import (
     parse_size,
 )
 from megatron_forge.convert.trtllm import check_trt_family, trtllm_config
-from megatron_forge.errors import ConvertError
+from megatron_forge.errors import ConfigError, ConvertError
 from megatron_forge.models import Serving, check_model_config, get_family
 from megatron_forge.models.mapping import merge_qkv, split_qkv
 
@@ -174,6 +174,24 @@ def test_omitted_fields_take_the_architectures_own_defaults() -> None:
     check_model_config(ModelConfig(**qwen3))
 
 
+def test_moe_imported_for_tensor_parallel_gets_sequence_parallel(tmp_path) -> None:
+    """from-hf --tp 2 of an MoE model plans the layout it can train in (megatron-core trains
+    MoE layers under TP only with sequence parallelism); a dense model's TP needs none."""
+    from megatron_forge.convert.from_hf import config_from_hf
+
+    mixtral = {
+        "architectures": ["MixtralForCausalLM"],
+        "model_type": "mixtral",
+        **BASE,
+        "num_local_experts": 4,
+        "num_experts_per_tok": 2,
+    }
+    cfg, _ = config_from_hf(tmp_path, mixtral, 2, 1, 2, torch.float32)
+    assert cfg.parallel.sequence_parallel and cfg.parallel.expert == 2
+    cfg, _ = config_from_hf(tmp_path, _llama(), 2, 1, 1, torch.float32)
+    assert not cfg.parallel.sequence_parallel
+
+
 def test_explicit_head_dim_imports() -> None:
     assert _model_fields(_llama(head_dim=32))["head_dim"] == 32  # 64 / 4 = 16
     assert _model_fields(_llama(head_dim=16))["head_dim"] is None  # = hidden / heads
@@ -183,8 +201,9 @@ def test_explicit_head_dim_imports() -> None:
     ("config", "message"),
     [
         (
-            _llama(rope_scaling={"rope_type": "yarn", "factor": 4.0}),
-            r"RoPE scaling of type 'yarn' .* is not supported; supported: \['default', 'llama3'\]",
+            _llama(rope_scaling={"rope_type": "dynamic", "factor": 4.0}),
+            r"RoPE scaling of type 'dynamic' .* is not supported; supported: "
+            r"\['default', 'llama3', 'yarn'\]",
         ),
         (
             _llama(rope_scaling={"rope_type": "dynamic", "factor": 2.0}),
@@ -258,3 +277,19 @@ def test_trtllm_config_of_llama3_and_qwen3() -> None:
     )
     assert qwen3["head_size"] == 128 and qwen3["rotary_scaling"] is None
     check_trt_family(qwen3_model)
+
+
+def test_stored_kernel_choices_are_left_to_the_converting_machine() -> None:
+    """A checkpoint trained with Transformer Engine attention and fusions is rebuilt on a
+    CPU for conversion with its kernel choices automatic (same weights, same function)."""
+    from megatron_forge.config import from_dict
+    from megatron_forge.models.build import attention_backend
+
+    stored = {"attention_backend": "te", "apply_rope_fusion": True, "bias_dropout_fusion": True}
+    cfg = from_dict({"model": {**stored, "num_layers": 2}, "precision": {"params_dtype": "fp32"}})
+    with pytest.raises(ConfigError, match="model.attention_backend=te needs Transformer Engine"):
+        cfg.validate(1, cuda_available=False, te_available=False)
+    cfg.model = cfg.model.for_this_machine()
+    cfg.validate(1, cuda_available=False, te_available=False)
+    assert attention_backend(cfg) == "local" and cfg.model.num_layers == 2
+    assert all(getattr(cfg.model, name) is None for name in cfg.model.MACHINE_CHOICES)

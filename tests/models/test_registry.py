@@ -102,6 +102,7 @@ def test_a_family_missing_an_attribute_fails_to_register() -> None:
 
 
 def test_a_duplicate_name_or_architecture_fails_to_register() -> None:
+    before = family_names()
     with pytest.raises(
         ValueError,
         match=r"name='llama' is already registered by megatron_forge\.models\.llama\.Llama",
@@ -111,7 +112,8 @@ def test_a_duplicate_name_or_architecture_fails_to_register() -> None:
         register(type("Clone", (Complete,), {"hf_architecture": "MixtralForCausalLM"}))
     with pytest.raises(ValueError, match=r"hf_model_type='qwen2' is already"):
         register(type("Clone", (Complete,), {"hf_model_type": "qwen2"}))
-    assert family_names() == ["llama", "mixtral", "qwen2", "qwen3"]  # nothing was added
+    assert family_names() == before  # nothing was added
+    assert {"llama", "mixtral", "qwen2", "qwen3", "qwen3_moe"} <= set(before)
 
 
 def test_every_family_folder_is_registered() -> None:
@@ -137,7 +139,7 @@ def test_models_never_import_convert() -> None:
 # Configs -------------------------------------------------------------------------------------------
 def test_unknown_family_names_the_field_and_the_known_ones() -> None:
     cfg = load_config(None, ["model.family=foo", "precision.params_dtype=fp32"])
-    message = "model.family='foo' is not a registered family; known: ['llama', 'mixtral', 'qwen2', 'qwen3']"
+    message = f"model.family='foo' is not a registered family; known: {family_names()}"
     with pytest.raises(ConfigError) as err:
         check_model_config(cfg.model)
     assert str(err.value) == message
@@ -156,7 +158,7 @@ def test_family_rules() -> None:
         with pytest.raises(
             ConfigError,
             match=rf"model.num_experts=4 is set for family={dense}, a dense family; use an MoE "
-            r"family \(mixtral\) or remove model.num_experts",
+            r"family \(.*mixtral.*qwen3_moe.*\) or remove model.num_experts",
         ):
             check_model_config(ModelConfig(family=dense, num_experts=4))
     check_model_config(ModelConfig(family="mixtral", num_experts=4))
@@ -175,8 +177,57 @@ def test_unknown_architecture() -> None:
 
 
 # Round trips -------------------------------------------------------------------------------------
+def _deepseek_model() -> ModelConfig:
+    """DeepSeek-V3's shape (Multi-Latent Attention, YaRN, shared expert, group routing,
+    dense first layer, MTP), no field at its default."""
+    return ModelConfig(
+        family="deepseek_v3",
+        num_layers=3,
+        hidden_size=64,
+        ffn_hidden_size=96,
+        num_attention_heads=8,
+        seq_length=256,
+        max_position_embeddings=512,
+        rotary_base=5000.0,
+        norm_epsilon=1e-6,
+        vocab_size=1000,
+        untie_embeddings=False,
+        init_method_std=0.01,
+        multi_latent_attention=True,
+        q_lora_rank=24,
+        kv_lora_rank=16,
+        qk_head_dim=12,
+        qk_pos_emb_head_dim=4,
+        v_head_dim=8,
+        rope_scaling={
+            "type": "yarn",
+            "factor": 8.0,
+            "original_max_position_embeddings": 64,
+            "beta_fast": 16.0,
+            "beta_slow": 2.0,
+            "mscale": 0.9,
+            "mscale_all_dim": 0.8,
+        },
+        num_experts=4,
+        moe_router_topk=2,
+        moe_aux_loss_coeff=0.02,
+        moe_ffn_hidden_size=32,
+        moe_shared_expert_intermediate_size=64,
+        moe_router_score_function="sigmoid",
+        moe_router_enable_expert_bias=True,
+        moe_router_num_groups=2,
+        moe_router_group_topk=1,
+        moe_router_topk_scaling_factor=2.5,
+        moe_router_load_balancing_type="seq_aux_loss",
+        moe_first_k_dense_replace=1,
+        mtp_num_layers=1,
+    )
+
+
 def _model(family: ModelFamily) -> ModelConfig:
     """A model of ``family`` with no field at its default, so a dropped field shows."""
+    if family.name == "deepseek_v3":
+        return _deepseek_model()
     moe = {"num_experts": 4, "moe_router_topk": 2, "moe_aux_loss_coeff": 0.02} if family.moe else {}
     return ModelConfig(
         family=family.name,
@@ -200,7 +251,7 @@ def _model(family: ModelFamily) -> ModelConfig:
             "high_freq_factor": 8.0,
             "original_max_position_embeddings": 128,
         },
-        qk_layernorm=family.name == "qwen3",
+        qk_layernorm=family.name in ("qwen3", "qwen3_moe"),
         **moe,
     )
 

@@ -107,3 +107,74 @@ def test_build_model_installs_the_config() -> None:
     assert torch.equal(llama["inv_freq"], expected)
     angles = torch.arange(8.0)[:, None] * expected
     assert torch.allclose(llama["table"].flatten(1), torch.cat([angles, angles], -1))
+
+
+# YaRN as DeepSeek-V3 (rope dim 64, factor 40 over 4096), then shapes and values where the
+# ramp, the mscale terms and the softmax scale all differ.
+YARN = [
+    (64, 10000.0, dict(factor=40.0, original=4096, fast=32.0, slow=1.0, mscale=1.0, all_dim=1.0)),
+    (8, 10000.0, dict(factor=4.0, original=32, fast=32.0, slow=1.0, mscale=1.0, all_dim=1.0)),
+    (16, 50000.0, dict(factor=8.0, original=64, fast=16.0, slow=2.0, mscale=0.707, all_dim=0.5)),
+    (32, 10000.0, dict(factor=16.0, original=128, fast=32.0, slow=1.0, mscale=1.0, all_dim=0.0)),
+]
+
+
+@pytest.mark.parametrize(("rope_dim", "base", "v"), YARN)
+def test_yarn_attention_logits_equal_transformers(
+    rope_dim: int, base: float, v: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """megatron-core's MLA with our YaRN fields and transformers' DeepseekV3 give the same
+    inverse frequencies, the same cos/sin scaling and the same softmax scale, so the same
+    attention logits (transformers folds mscale_all_dim into its scaling, megatron-core into
+    softmax_scale)."""
+    from megatron.core.models.common.embeddings import YarnRotaryEmbedding, _yarn_get_mscale
+    from transformers import DeepseekV3Config
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import yarn_apply_mscale
+
+    from megatron_forge.models.rope import yarn_fields
+
+    # megatron-core moves YaRN's frequencies to torch.cuda.current_device() (cpu.py's
+    # emulation, for this test only).
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: "cpu")
+    scaling = RopeScalingConfig(
+        type="yarn",
+        factor=v["factor"],
+        original_max_position_embeddings=v["original"],
+        beta_fast=v["fast"],
+        beta_slow=v["slow"],
+        mscale=v["mscale"],
+        mscale_all_dim=v["all_dim"],
+    )
+    fields = yarn_fields(scaling)
+    rope = YarnRotaryEmbedding(
+        rope_dim,
+        rotary_base=base,
+        scaling_factor=fields["rotary_scaling_factor"],
+        original_max_position_embeddings=fields["original_max_position_embeddings"],
+        beta_fast=fields["beta_fast"],
+        beta_slow=fields["beta_slow"],
+        mscale=fields["mscale"],
+        mscale_all_dim=fields["mscale_all_dim"],
+        use_cpu_initialization=True,
+    )
+    seq = 3 * v["original"]
+    emb, cos_sin_scale = rope(seq)
+    nope = 16
+    ours_softmax = _yarn_get_mscale(v["factor"], v["all_dim"]) ** 2 / (nope + rope_dim) ** 0.5
+
+    params = {k: val for k, val in scaling.to_dict().items() if k != "type"}
+    hf = DeepseekV3Config(
+        qk_rope_head_dim=rope_dim,
+        qk_nope_head_dim=nope,
+        max_position_embeddings=seq,
+        rope_parameters={"rope_type": "yarn", "rope_theta": base, **params},
+    )
+    inv_freq, attention_factor = ROPE_INIT_FUNCTIONS["yarn"](hf)
+    hf_softmax = yarn_apply_mscale(hf.rope_parameters, (nope + rope_dim) ** -0.5)
+
+    freqs = emb[:, 0, 0, : rope_dim // 2]
+    expected = torch.outer(torch.arange(seq, dtype=torch.float32), inv_freq)
+    torch.testing.assert_close(freqs, expected, rtol=1e-6, atol=1e-5)
+    assert cos_sin_scale == pytest.approx(attention_factor, rel=1e-12)
+    assert ours_softmax == pytest.approx(hf_softmax, rel=1e-12)

@@ -93,6 +93,34 @@ def test_moe_hand_count() -> None:
     assert f.forward == 2 * (attention + scores + experts + router) + 2 * 64 * 256 == 312320
 
 
+def test_moe_with_dense_first_layer_and_gated_shared_expert() -> None:
+    """3 layers, the first dense (SwiGLU 96); the 2 MoE layers run their top-2 of 8
+    experts (SwiGLU 16), a gated shared expert of 32 and the router; the other 6 experts
+    cost nothing for the token."""
+    m = ModelConfig(
+        family="mixtral",
+        num_layers=3,
+        hidden_size=64,
+        ffn_hidden_size=96,
+        num_attention_heads=4,
+        seq_length=64,
+        num_experts=8,
+        moe_router_topk=2,
+        moe_ffn_hidden_size=16,
+        moe_shared_expert_intermediate_size=32,
+        moe_shared_expert_gate=True,
+        moe_first_k_dense_replace=1,
+    )
+    dense = 2 * 3 * 64 * 96
+    moe = 2 * 3 * 64 * (2 * 16) + 2 * 3 * 64 * 32 + 2 * 64  # routed top-2, shared, its gate
+    f = flops_per_token(m, vocab_size=256)
+    assert f.mlp == dense + 2 * moe == 36864 + 2 * 24704
+    assert f.router == 2 * (2 * 64 * 8)
+    as_pattern = ModelConfig(**{**m.__dict__, "moe_first_k_dense_replace": None})
+    assert as_pattern.moe_layer_freq == [0, 1, 1]
+    assert flops_per_token(as_pattern, 256) == f
+
+
 LLAMA2_7B = ModelConfig(
     num_layers=32,
     hidden_size=4096,

@@ -110,6 +110,14 @@ def test_sigterm_then_resume_is_exact(case: str, sample_data: Path, tmp_path: Pa
     later = range(stopped + 1, STEPS + 1)
     print(f"{case}: stopped at {stopped}; losses {[resumed[s] for s in later]}")
     assert [resumed[s] for s in later] == [expected[s] for s in later]  # bit-identical
+    # async saves: blocked = plan + stage (+ waiting); the write is reported once finished
+    saved = [r for r in read_metrics(run) if "checkpoint_blocked_s" in r]
+    assert {8, 12} <= {r["step"] for r in saved}
+    for r in saved:
+        assert r["checkpoint_plan_s"] + r["checkpoint_stage_s"] <= r["checkpoint_blocked_s"]
+    written = [r for r in read_metrics(run) if "checkpoint_write_s" in r]
+    assert 8 in {r["checkpoint_write_step"] for r in written}
+    assert all(0 < r["checkpoint_write_s"] < 300 for r in written)
 
 
 def test_kill_during_async_write_keeps_previous_checkpoint(
@@ -153,9 +161,12 @@ def test_kill_during_async_write_keeps_previous_checkpoint(
 
 
 def test_resharding_keeps_eval_loss(sample_data: Path, tmp_path: Path) -> None:
-    """Train under TP=2 and save; evaluate that checkpoint under TP=1 and PP=2."""
+    """Train under TP=2 and save in the fully_reshardable format; evaluate that checkpoint
+    under TP=1 and PP=2 (the default dp_reshardable format is refused there:
+    test_checkpoint_formats.py)."""
     ckpt = tmp_path / "ckpt"
     common = COMMON + data_overrides(sample_data) + ["train.eval_iters=2"]
+    common.append("checkpoint.optimizer_format=fully_reshardable")
     evaluate = ["train.skip_train=true", "train.eval_interval=1", f"checkpoint.load={ckpt}"]
     proc = _start(
         2,

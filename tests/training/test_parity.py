@@ -18,6 +18,7 @@ gradient scale by the DP size shows up as a 2x grad norm, a wrong loss average a
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -39,6 +40,7 @@ COMMON = [
 ]
 
 TP2_PP2 = ["parallel.tensor=2", "parallel.pipeline=2"]
+UNEVEN_PP2 = ["parallel.pipeline=2", "parallel.layers_in_first_stage=1"]
 LAYOUTS = {
     "dense": (
         "configs/tiny.yaml",
@@ -55,26 +57,42 @@ LAYOUTS = {
         },
     ),
     "moe": ("configs/tiny_moe.yaml", {"EP2": ["parallel.expert=2"]}),
-    # The newer dense shapes in one 8-rank run each (TP 2 x PP 2 x DP 2): Llama 3's scaled
-    # RoPE and tied embeddings, Qwen3's QK-norm (whose weights are replicated over TP and
-    # need their gradients all-reduced there) and heads of their own size.
-    "llama3": ("configs/tiny_llama3.yaml", {"TP2_PP2_DP2": TP2_PP2}),
-    "qwen3": ("configs/tiny_qwen3.yaml", {"TP2_PP2_DP2": TP2_PP2}),
+    # The newer dense shapes in one 4-rank run each (TP 2 x PP 2): Llama 3's scaled RoPE
+    # and tied embeddings (their gradients all-reduced between the first and last stage),
+    # Qwen3's QK-norm (whose weights are replicated over TP and need their gradients
+    # all-reduced there) and heads of their own size. Data parallelism is the dense
+    # layouts' and Qwen3-MoE's.
+    "llama3": ("configs/tiny_llama3.yaml", {"TP2_PP2": TP2_PP2}),
+    "qwen3": ("configs/tiny_qwen3.yaml", {"TP2_PP2": TP2_PP2}),
+    # Qwen3-MoE in one 4-rank run: experts over EP=2 (the two data-parallel ranks of each
+    # stage) and 3 layers over PP=2 unevenly (1 + 2).
+    "qwen3_moe": (
+        "configs/tiny_qwen3_moe.yaml",
+        {"EP2_PP2_uneven_DP2": ["parallel.expert=2", *UNEVEN_PP2]},
+    ),
+    # DeepSeek-V3 the same way: MLA, a dense first layer, a shared expert, sigmoid routing
+    # with expert bias over groups, and the MTP layer (its loss compared too) on the last
+    # stage, which rebuilds the shifted tokens from the labels.
+    "deepseek_v3": (
+        "configs/tiny_deepseek_v3.yaml",
+        {"EP2_PP2_uneven_DP2": ["parallel.expert=2", *UNEVEN_PP2]},
+    ),
 }
-WORLD = {"TP2_PP2_DP2": 8}
+WORLD = {"TP2_PP2": 4, "EP2_PP2_uneven_DP2": 4}
 """Ranks of a layout (default 2)."""
 FAMILY_OVERRIDES = {
-    # 8 ranks on 2 cores: 6 steps of 8 samples (2 microbatches per data-parallel rank,
-    # so the pipeline still interleaves and accumulates) keep the run under a minute.
+    # 4 ranks on 2 cores: 6 steps of 8 samples (2 or 4 microbatches per data-parallel
+    # rank, so the pipeline still interleaves and accumulates) keep each run short.
     family: ["train.train_iters=6", "train.global_batch_size=8"]
-    for family in ("llama3", "qwen3")
+    for family in ("llama3", "qwen3", "qwen3_moe", "deepseek_v3")
 }
 
 
-def _curve(records: list[dict]) -> list[tuple[float, float]]:
+def _curve(records: list[dict]) -> list[tuple[float, float, Optional[float]]]:
+    """(loss, grad norm, MTP loss or None) per step."""
     train = [r for r in records if "loss" in r and "event" not in r]
     assert [r["step"] for r in train] == list(range(1, len(train) + 1)) and len(train) >= 6
-    return [(r["loss"], r["grad_norm"]) for r in train]
+    return [(r["loss"], r["grad_norm"], r.get("mtp_1_loss")) for r in train]
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +132,11 @@ def test_layout_matches_single_process(family, layout, baseline, train_runner):
     worst_gn = max(abs(a[1] - b[1]) / abs(b[1]) for a, b in zip(curve, single))
     print(f"{family} {layout}: max rel diff loss {worst_loss:.2e}, grad norm {worst_gn:.2e}")
     assert worst_loss <= LOSS_RTOL, (curve, single)
+    assert (single[0][2] is not None) == (family == "deepseek_v3")  # MTP loss reported
+    if single[0][2] is not None:
+        worst_mtp = max(abs(a[2] - b[2]) / abs(b[2]) for a, b in zip(curve, single))
+        print(f"{family} {layout}: max rel diff MTP loss {worst_mtp:.2e}")
+        assert worst_mtp <= LOSS_RTOL, (curve, single)
     assert worst_gn <= GRAD_NORM_RTOL, (curve, single)
     # the run really trained: loss moved over the 10 steps
     assert curve[-1][0] < curve[0][0]

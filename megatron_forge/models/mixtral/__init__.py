@@ -5,12 +5,23 @@ from __future__ import annotations
 from typing import Any
 
 from megatron_forge.config import ModelConfig
-from megatron_forge.errors import ConvertError
+from megatron_forge.errors import ConfigError, ConvertError
 from megatron_forge.models.llama import hf as llama
 from megatron_forge.models.mapping import Rule
 from megatron_forge.models.mixtral.hf import moe_rules
 from megatron_forge.models.mixtral.model import architecture
 from megatron_forge.models.registry import ModelFamily, Serving, register
+
+# ModelConfig options MixtralForCausalLM has no place for: (field, its plain value, why).
+NOT_IN_MIXTRAL = (
+    ("moe_router_score_function", "softmax", "its router is a softmax"),
+    ("moe_router_norm_topk_prob", True, "it always renormalizes the top-k weights"),
+    ("moe_router_enable_expert_bias", False, "it has no expert bias"),
+    ("moe_router_num_groups", None, "it has no group-limited routing"),
+    ("moe_router_topk_scaling_factor", None, "it has no routed scaling factor"),
+    ("moe_shared_expert_intermediate_size", None, "it has no shared expert"),
+    ("moe_layer_freq", 1, "every layer is MoE"),
+)
 
 
 @register
@@ -58,6 +69,13 @@ class Mixtral(ModelFamily):
     def check_config(self, model: ModelConfig) -> None:
         super().check_config(model)
         llama.refuse_qk_layernorm(self, model)
+        for field, plain, why in NOT_IN_MIXTRAL:
+            value = getattr(model, field)
+            if value != plain:
+                raise ConfigError(
+                    f"model.{field}={value!r} cannot be exported as {self.hf_architecture} "
+                    f"({why}); set model.{field}={plain!r}, or use a family that has it"
+                )
 
     def weight_rules(self, model: ModelConfig, vocab_size: int, padded_vocab: int) -> list[Rule]:
         return moe_rules(model, vocab_size, padded_vocab)
