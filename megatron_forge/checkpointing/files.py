@@ -196,7 +196,12 @@ def _refuse(where: str, err: Exception) -> CheckpointError:
 
 
 def _weights_only_load(source: Callable[[], Any], types: list[Any]) -> Any:
-    with warnings.catch_warnings(), torch.serialization.safe_globals(types):
+    # Only the types not allowed already: leaving torch's safe_globals context removes the
+    # types it added from the process-wide list, and megatron-core registers its own there
+    # at import (argparse.Namespace for Megatron-LM's ``args``), which later loads need.
+    registered = torch.serialization.get_safe_globals()
+    added = [t for t in types if t not in registered]
+    with warnings.catch_warnings(), torch.serialization.safe_globals(added):
         warnings.simplefilter("ignore")
         return torch.load(source(), map_location="cpu", weights_only=True)
 

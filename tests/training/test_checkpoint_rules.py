@@ -126,3 +126,29 @@ def test_persistent_writer_needs_gpus(tmp_path: Path) -> None:
     cfg = load_config(None, ["checkpoint.persistent_writer=true"])
     with pytest.raises(ConfigError, match="checkpoint.persistent_writer=true needs GPUs"):
         Checkpointer(tmp_path, cfg.checkpoint)
+
+
+@pytest.mark.slow  # a fresh process that imports megatron-core
+def test_trusted_load_keeps_megatron_cores_registered_types(tmp_path) -> None:
+    """Reading a file that needs megatron-core's types (Megatron-LM's ``args`` is an
+    argparse.Namespace) imports megatron-core, which puts them on torch's process-wide
+    allowlist; the read must leave them there: dist_checkpointing.load of the same
+    checkpoint (check-serving --reference, a resumed W&B run) reads it afterwards. A fresh
+    process, as megatron-core must not be imported before the read."""
+    import subprocess
+    import sys
+
+    import torch
+
+    path = tmp_path / "common.pt"
+    torch.save({"args": argparse.Namespace(tensor_model_parallel_size=2)}, path)
+    code = (
+        "import argparse, sys, torch\n"
+        "from megatron_forge.checkpointing.files import _torch_load_trusted\n"
+        "assert 'megatron.core' not in sys.modules\n"
+        f"args = _torch_load_trusted(lambda: {str(path)!r}, 'common.pt')['args']\n"
+        "assert args.tensor_model_parallel_size == 2\n"
+        "assert argparse.Namespace in torch.serialization.get_safe_globals(), 'removed'\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
