@@ -18,6 +18,7 @@ layer spec with SDPA or the unfused softmax as core attention.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any, Optional
 
 import torch
@@ -122,10 +123,9 @@ class SDPAttention(DotProductAttention):
         return context.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)
 
 
-def use_sdpa(spec: Any) -> Any:
-    """``spec`` (a layer or block spec built from megatron-core's local specs, for any
-    family) with every ``DotProductAttention`` core attention replaced by
-    :class:`SDPAttention`, in place."""
+def walk_spec(spec: Any, visit: Callable[[Any], bool]) -> None:
+    """Call ``visit`` once on every dataclass node of a (nested) megatron-core module spec;
+    a node for which it returns True is not descended into."""
     seen: set[int] = set()
 
     def walk(node: Any) -> None:
@@ -136,12 +136,24 @@ def use_sdpa(spec: Any) -> Any:
         if not dataclasses.is_dataclass(node) or isinstance(node, type) or id(node) in seen:
             return
         seen.add(id(node))
+        if visit(node):
+            return
         for field in dataclasses.fields(node):
-            child = getattr(node, field.name)
-            if child is DotProductAttention:
-                setattr(node, field.name, SDPAttention)
-            else:
-                walk(child)
+            walk(getattr(node, field.name))
 
     walk(spec)
+
+
+def use_sdpa(spec: Any) -> Any:
+    """``spec`` (a layer or block spec built from megatron-core's local specs, for any
+    family) with every ``DotProductAttention`` core attention replaced by
+    :class:`SDPAttention`, in place."""
+
+    def visit(node: Any) -> bool:
+        for field in dataclasses.fields(node):
+            if getattr(node, field.name) is DotProductAttention:
+                setattr(node, field.name, SDPAttention)
+        return False
+
+    walk_spec(spec, visit)
     return spec

@@ -11,14 +11,13 @@ included), output [s, b, heads x v_head_dim].
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Optional
 
 from megatron.core.transformer import multi_latent_attention as _mla_module
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.multi_latent_attention import MLASelfAttentionSubmodules
 
-from megatron_forge.models.attention import SDPAttention
+from megatron_forge.models.attention import SDPAttention, walk_spec
 
 # megatron-core 0.16.1 sets multi_latent_attention.HAVE_TE when its TE extension module
 # imports, which it does without Transformer Engine (its classes are then mocks), and MLA's
@@ -66,24 +65,15 @@ class LatentSDPAttention(SDPAttention):
 def use_latent_attention(spec: Any) -> Any:
     """``spec`` (a layer, block or MTP spec from megatron-core's local specs) with the core
     attention of every MLA layer replaced by :class:`LatentSDPAttention`, in place."""
-    seen: set[int] = set()
 
-    def walk(node: Any) -> None:
-        if isinstance(node, (list, tuple)):
-            for child in node:
-                walk(child)
-            return
-        if not dataclasses.is_dataclass(node) or isinstance(node, type) or id(node) in seen:
-            return
-        seen.add(id(node))
+    def visit(node: Any) -> bool:
         if isinstance(node, MLASelfAttentionSubmodules) and node.core_attention in (
             DotProductAttention,
             SDPAttention,
         ):
             node.core_attention = LatentSDPAttention
-            return
-        for field in dataclasses.fields(node):
-            walk(getattr(node, field.name))
+            return True
+        return False
 
-    walk(spec)
+    walk_spec(spec, visit)
     return spec
