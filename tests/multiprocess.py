@@ -51,9 +51,12 @@ def run_distributed(
     *args: Any,
     overrides: list[str] | None = None,
     timeout_s: float = 120,
+    daemon: bool = True,
 ) -> list[Any]:
     """``fn(cfg, *args)`` on ``world_size`` gloo ranks; the config is the defaults plus
-    ``overrides`` (e.g. ``parallel.tensor=2``). Raises with the failing rank's traceback."""
+    ``overrides`` (e.g. ``parallel.tensor=2``). Raises with the failing rank's traceback.
+    ``daemon=False`` for ranks that start processes of their own (torch_dist saves write
+    through a multiprocessing Manager even when synchronous)."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
@@ -61,7 +64,7 @@ def run_distributed(
         ctx.Process(
             target=_worker,
             args=(rank, world_size, port, list(overrides or []), fn, args, results),
-            daemon=True,
+            daemon=daemon,
         )
         for rank in range(world_size)
     ]

@@ -29,11 +29,13 @@ import pytest
 
 from megatron_forge.config import Config
 from tests.conftest import MOCK_TINY
-from tests.multiprocess import _worker
+from tests.multiprocess import run_distributed
 
 pytestmark = pytest.mark.slow
 
 OVERRIDES = [*MOCK_TINY, "train.eval_interval=0", "checkpoint.async_save=false"]
+# Non-daemon ranks: torch_dist writes through a multiprocessing Manager even when synchronous.
+RANKS = {"overrides": OVERRIDES, "timeout_s": 300, "daemon": False}
 MLM_RNG_KEYS = {
     "random_rng_state",
     "np_rng_state",
@@ -41,37 +43,6 @@ MLM_RNG_KEYS = {
     "cuda_rng_state",
     "rng_tracker_states",
 }
-
-
-def run_ranks(fn: Any, world: int, *args: Any, timeout_s: float = 300) -> list[Any]:
-    """tests.multiprocess.run_distributed with ranks that may have children: torch_dist
-    writes through a multiprocessing Manager even when saving synchronously."""
-    import torch.multiprocessing as mp
-
-    from megatron_forge.utils import free_port
-
-    ctx = mp.get_context("spawn")
-    results, port = ctx.Queue(), free_port()
-    procs = [
-        ctx.Process(target=_worker, args=(rank, world, port, OVERRIDES, fn, args, results))
-        for rank in range(world)
-    ]
-    for proc in procs:
-        proc.start()
-    out, errors = {}, []
-    try:
-        for _ in range(world):
-            rank, value, error = results.get(timeout=timeout_s)
-            if error:
-                errors.append(f"rank {rank}:\n{error}")
-            out[rank] = value
-    finally:
-        for proc in procs:
-            proc.join(timeout=30)
-            if proc.is_alive():
-                proc.kill()
-    assert not errors, "\n".join(errors)
-    return [out[rank] for rank in range(world)]
 
 
 def _cfg(cfg: Config, out: Path, name: str) -> Config:
@@ -323,8 +294,8 @@ def _two_rank_run(cfg: Config, out: Path) -> dict[str, Any]:
 
 
 def test_optimizer_formats_and_megatron_lm_checkpoints(tmp_path: Path) -> None:
-    (loss_dp1,) = run_ranks(_single_rank_run, 1, tmp_path)
-    r0, _ = run_ranks(_two_rank_run, 2, tmp_path)
+    (loss_dp1,) = run_distributed(_single_rank_run, 1, tmp_path, **RANKS)
+    r0, _ = run_distributed(_two_rank_run, 2, tmp_path, **RANKS)
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     from megatron_forge.checkpointing.state import FULLY_RESHARDABLE

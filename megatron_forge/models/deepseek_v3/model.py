@@ -7,9 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch.nn.functional as F
-
 from megatron_forge.config import ModelConfig
+from megatron_forge.models.llama.model import architecture as llama_architecture
 from megatron_forge.models.rope import yarn_fields
 
 
@@ -33,22 +32,14 @@ def latent_attention_fields(model: ModelConfig) -> dict[str, Any]:
 
 
 def architecture(model: ModelConfig) -> dict[str, Any]:
-    """megatron-core TransformerConfig fields that make a GPTModel a DeepSeek-V3 (the
-    router and MoE-layer fields come from model.moe_* in models.build)."""
+    """megatron-core TransformerConfig fields that make a GPTModel a DeepSeek-V3: Llama's
+    RMSNorm/SwiGLU block with Multi-Latent Attention in place of its grouped-query heads
+    (the router and MoE-layer fields come from model.moe_* in models.build)."""
+    fields = llama_architecture(model)
+    for gqa_only in ("num_query_groups", "kv_channels", "qk_layernorm"):
+        del fields[gqa_only]
     return dict(
-        num_layers=model.num_layers,
-        hidden_size=model.hidden_size,
-        ffn_hidden_size=model.ffn_hidden_size,
-        num_attention_heads=model.num_attention_heads,
-        normalization="RMSNorm",
-        layernorm_epsilon=model.norm_epsilon,
-        gated_linear_unit=True,
-        activation_func=F.silu,
-        add_bias_linear=False,
-        add_qkv_bias=False,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        init_method_std=model.init_method_std,
+        fields,
         # As transformers' DeepseekV3TopkRouter: router logits and scores in fp32.
         moe_router_dtype="fp32",
         **latent_attention_fields(model),
