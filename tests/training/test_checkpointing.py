@@ -261,7 +261,9 @@ def test_watchdog_names_stalled_rank(sample_data: Path, tmp_path: Path) -> None:
     try:
         survivor.wait(timeout=120)  # the watchdog of rank 0 fires and exits
         elapsed = time.time() - stopped_at
-        proc.wait(timeout=120)  # torchrun then tears down the stopped rank
+        # torchrun's SIGTERM cannot reach a stopped process (it would wait 30 s, then kill)
+        victim.kill()
+        proc.wait(timeout=120)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
