@@ -7,7 +7,8 @@
   experts over TP, vocabulary over TP; the embedding on the first stage, the output layer
   and final norm on the last; an MoE model's dense layers as dense), at
   ``precision.params_dtype``. With uneven stages (``parallel.layers_in_first_stage`` /
-  ``layers_in_last_stage``) every stage is counted with its own layers, a middle stage
+  ``layers_in_last_stage``, or ``parallel.pipeline_layout``) every stage is counted with
+  its own layers, a middle stage
   ``i`` holding ``min(PP - i, microbatches)`` microbatches in flight;
 - gradients: megatron DDP's gradient buffer, fp32 (``grad_reduce_in_fp32``);
 - optimizer state: Adam's m and v plus an fp32 master copy for 16-bit params (12 bytes per
@@ -25,7 +26,8 @@
   megatron-core's local layer spec (``--unfused-attention``; e.g. without TE).
   The first stage holds ``min(PP, microbatches)`` microbatches in flight under 1F1B
   (x ``1 + (PP-1)/(PP*VP)`` when interleaved). ``recompute`` reduces this: selective
-  recompute of core attention drops the score term, full recompute keeps a layer's input;
+  recompute of core attention drops the score term, of the MLP (``mlp`` or ``moe``) its
+  16 bytes per token of fc1 and activation outputs; full recompute keeps a layer's input;
   the last stage adds one microbatch of logits and fp32 softmax (6 bytes x tokens x vocab/TP).
 
 It is an estimate, not a bound: SwiGLU and top-k MoE MLPs store more than the paper's GPT
@@ -133,7 +135,17 @@ def _mtp_params(cfg: Config, last: _LayerParams) -> _LayerParams:
 
 
 def _stage_layers(cfg: Config) -> list[list[int]]:
-    """The decoder layers of each pipeline stage (uneven first/last stages included)."""
+    """The decoder layers of each pipeline stage (uneven first/last stages included; as
+    ``parallel.pipeline_layout`` places them, group ``i`` on stage ``i mod PP``)."""
+    p = cfg.parallel
+    if p.pipeline_layout is not None:
+        stages: list[list[int]] = [[] for _ in range(p.pipeline)]
+        start = 0
+        for index, group in enumerate(p.layout_groups()):
+            count = group.count("t")
+            stages[index % p.pipeline] += range(start, start + count)
+            start += count
+        return stages
     bounds, start = [], 0
     for count in cfg.parallel.layers_per_stage(cfg.model.num_layers):
         bounds.append(list(range(start, start + count)))
@@ -162,6 +174,8 @@ def _activation_bytes_per_stage(cfg: Config, layers: int, flash_attention: bool)
         per_token = (26 + attention + scores) / t
     else:
         per_token = 10 + (16 + attention) / t + scores / t
+    if r.granularity == "selective" and {"mlp", "moe"} & set(r.modules):
+        per_token -= 16 / t  # the MLP's fc1 and activation outputs; its input is kept
     scale = BYTES_PER_PARAM[cfg.precision.params_dtype] / 2  # the formula counts 16-bit
     full_layer = s * b * h * per_token * scale
     if r.granularity != "full":

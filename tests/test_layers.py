@@ -112,7 +112,11 @@ LAYERS = [
     ["megatron_forge.errors", "megatron_forge.utils", "megatron_forge.config"],
     ["megatron_forge.cpu", "megatron_forge.distributed", "megatron_forge.data"],
     ["megatron_forge.models", "megatron_forge.memory"],
-    ["megatron_forge.checkpointing", "megatron_forge.monitoring"],
+    [
+        "megatron_forge.checkpointing",
+        "megatron_forge.checkpointing.fork_writer",
+        "megatron_forge.monitoring",
+    ],
     ["megatron_forge.training", "megatron_forge.convert", "megatron_forge.convert.reference"],
     ["megatron_forge.train", "megatron_forge.convert.cli"],
 ]

@@ -12,18 +12,24 @@ sized to it (``configs/tiny.yaml`` with more layers and a wider hidden size), ta
 training step on synthetic tokens, and then, with ``checkpoint.*`` as given by ``--set``
 (default: dp_reshardable, fully parallel save and load):
 
-- save synchronously twice: the step is blocked for the whole save;
-- save asynchronously twice (the second save reuses the cached plan, as every save after
-  the first in a run does): blocked time (plan + staging) and the background write time,
-  waited for right after staging;
+- save synchronously three times: the step is blocked for the whole save;
+- save asynchronously four times (the later saves reuse the cached plan, as every save
+  after the first in a run does): blocked time (plan + staging) and the background write
+  time, waited for right after staging;
+- save asynchronously again while training steps go on until every rank has written (as
+  in a run): the extra memory of each rank and its background writers (proportional set
+  sizes), which includes the pages training rewrites while a forked writer still holds
+  them (copy-on-write);
 - write and fsync a file of the checkpoint's size on each rank, both ranks at once, in
   the same directory (the disk's sequential speed under the same two writers);
 - load the checkpoint back.
 
-Printed per size and layout: blocked time async vs sync and their ratio, plan and stage
-times, background write time, write throughput against the disk's, load time, and each
-rank's peak RSS (and its rise over the RSS before the first save: the host memory the
-checkpoint took). ``--json`` writes the rows to a file.
+Printed per size and layout: blocked time async vs sync (medians of the saves after the
+first, the slowest rank's) and their ratio, plan and stage times, background write time,
+write throughput against the disk's, load time, each rank's peak RSS (and its rise over
+the RSS before the first save, over all saves and the load and over the saves alone),
+and the memory taken while training during a background write against the rank's share
+of the checkpoint. ``--json`` writes the rows to a file.
 """
 
 from __future__ import annotations
@@ -51,6 +57,11 @@ LAYOUTS = {"dp": [], "tp": ["parallel.tensor=2"]}
 BYTES_PER_PARAM = 16  # fp32 weights + fp32 main parameters and two Adam moments
 WORLD = 2
 CHUNK = 64 << 20
+SYNC_SAVES = 2
+"""Synchronous saves measured after the first (their median is the row's)."""
+ASYNC_SAVES = 3
+"""Asynchronous saves measured after the first (their median is the row's)."""
+MAX_OVERLAP_STEPS = 50
 
 
 def model_overrides(size_gb: float) -> list[str]:
@@ -99,8 +110,27 @@ def disk_write_s(path: Path, size: int) -> float:
     return elapsed
 
 
+def group_pss_gb() -> float:
+    """Physical memory of this process and its descendants (the background writers):
+    proportional set sizes, so pages they share count once. Copy-on-write pages that
+    training duplicates while a forked writer holds them show up here, not in the RSS
+    of either process."""
+    import psutil
+
+    me = psutil.Process()
+    total = 0
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            total += proc.memory_full_info().pss
+        except psutil.Error:  # exited meanwhile
+            continue
+    return total / 1e9
+
+
 def measure(cfg: Any, out: Path) -> dict[str, Any]:
     """One rank's measurements (all ranks run this together)."""
+    import statistics
+
     import torch.distributed as dist
 
     from megatron_forge.checkpointing import Checkpointer, iteration_dir, load_checkpoint
@@ -113,19 +143,16 @@ def measure(cfg: Any, out: Path) -> dict[str, Any]:
     before = current_rss_gb()
     row: dict[str, Any] = {}
 
+    def state() -> tuple[Any, ...]:
+        return (trainer.model, trainer.optimizer, trainer.scheduler, trainer.train_state())
+
     def save(name: str, async_save: bool, saves: int) -> list[tuple[float, float, float, float]]:
         ck = dataclasses.replace(cfg.checkpoint, async_save=async_save)
         saver = Checkpointer(out / name, ck)
         times = []
         for _ in range(saves):
             dist.barrier()
-            saver.save(
-                trainer.model,
-                trainer.optimizer,
-                trainer.scheduler,
-                trainer.train_state(),
-                cfg.to_dict(),
-            )
+            saver.save(*state(), cfg.to_dict())
             blocked, plan, stage = saver.last_blocked_s, saver.last_plan_s, saver.last_stage_s
             saver.finalize(blocking=True)
             times.append((blocked, plan, stage, saver.last_write_s or 0.0))
@@ -133,24 +160,32 @@ def measure(cfg: Any, out: Path) -> dict[str, Any]:
         saver.close()
         return times
 
-    # Twice each: the first save of a run also pays one-off costs (the write-results
-    # manager process, validation of the sharding, planning), which the row reports apart.
-    first_sync, sync = save("sync", False, 2)
-    row["sync_s"], row["sync_first_s"] = sync[0], first_sync[0]
-    first, steady = save("async", True, 2)
+    def median(rows: list[tuple[float, ...]]) -> tuple[float, ...]:
+        return tuple(statistics.median(column) for column in zip(*rows))
+
+    # The first save of a run also pays one-off costs (the write-results manager
+    # process, validation of the sharding, planning), which the row reports apart; the
+    # later ones (the steady state of a run) are reported by their median.
+    first_sync, *sync = save("sync", False, 1 + SYNC_SAVES)
+    row["sync_s"], row["sync_first_s"] = median(sync)[0], first_sync[0]
+    first, *steady = save("async", True, 1 + ASYNC_SAVES)
+    blocked, plan, stage, write = median(steady)
     row.update(
         async_first_blocked_s=first[0],
-        async_blocked_s=steady[0],
-        plan_s=steady[1],
-        stage_s=steady[2],
-        write_s=steady[3],
+        async_blocked_s=blocked,
+        async_blocked_max_s=max(t[0] for t in steady),
+        plan_s=plan,
+        stage_s=stage,
+        write_s=write,
     )
+    row["rss_rise_save_gb"] = rss_gb() - before
     iteration = trainer.step - 1
     size = dir_bytes(iteration_dir(out / "async", iteration)) if rank == 0 else 0
     box = [size]
     dist.broadcast_object_list(box, src=0)
     size = box[0]
     row["checkpoint_gb"] = size / 1e9
+    row.update(train_during_write(trainer, cfg, out / "overlap", state))
     dist.barrier()
     disk = disk_write_s(out / f"disk_{rank}.bin", size // WORLD)
     row["disk_s"] = disk
@@ -163,6 +198,45 @@ def measure(cfg: Any, out: Path) -> dict[str, Any]:
     row["rss_before_gb"] = before
     row["peak_rss_gb"] = rss_gb()
     return row
+
+
+def train_during_write(trainer: Any, cfg: Any, root: Path, state: Any) -> dict[str, Any]:
+    """An async save while training goes on, as in a run: training steps (which rewrite
+    every parameter and optimizer state) until every rank has written. Measures the
+    extra physical memory of the rank and its writers over the same state idle (one step
+    taken just before, so that a step's own buffers are in both), sampled every 50 ms
+    from the end of the save until the writers are done."""
+    import threading
+
+    import torch.distributed as dist
+
+    from megatron_forge.checkpointing import Checkpointer
+
+    saver = Checkpointer(root, dataclasses.replace(cfg.checkpoint, async_save=True))
+    for _ in range(2):  # the second save is a steady one (cached plan), as measured above
+        trainer.train_step()
+        dist.barrier()
+        idle = group_pss_gb()
+        saver.save(*state(), cfg.to_dict())
+        # (a thread only once the writer is forked: a fork must not copy a thread's locks)
+        samples, done = [group_pss_gb()], threading.Event()
+        sampler = threading.Thread(target=_sample, args=(samples, done), daemon=True)
+        sampler.start()
+        steps = 0
+        while saver.pending_iteration is not None and steps < MAX_OVERLAP_STEPS:
+            trainer.train_step()
+            steps += 1
+            saver.finalize(blocking=False)  # all ranks together: they agree when done
+        saver.finalize(blocking=True)
+        done.set()
+        sampler.join()
+    saver.close()
+    return {"overlap_steps": steps, "overlap_mem_rise_gb": max(samples) - idle}
+
+
+def _sample(samples: list[float], done: Any) -> None:
+    while not done.wait(0.05):
+        samples.append(group_pss_gb())
 
 
 def _rank(rank: int, port: int, cfg_args: tuple, out: Path, results: Any) -> None:
@@ -247,6 +321,10 @@ def summarize(size_gb: float, layout: str, ranks: list[dict[str, Any]]) -> dict[
         "write_vs_disk": write_gbps / disk_gbps,
         "peak_rss_gb": [r["peak_rss_gb"] for r in ranks],
         "rss_rise_gb": [r["peak_rss_gb"] - r["rss_before_gb"] for r in ranks],
+        "rss_rise_save_gb": [r["rss_rise_save_gb"] for r in ranks],
+        "share_gb": gb / WORLD,
+        "overlap_steps": min(r["overlap_steps"] for r in ranks),
+        "overlap_mem_rise_gb": [r["overlap_mem_rise_gb"] for r in ranks],
     }
 
 
@@ -254,8 +332,8 @@ def print_row(row: dict[str, Any]) -> None:
     print(
         f"{row['layout'].upper()}=2  {row['checkpoint_gb']:.2f} GB: "
         f"sync save {row['sync_s']:.2f} s (first {row['sync_first_s']:.2f} s); async blocked {row['async_blocked_s']:.3f} s "
-        f"(first save {row['async_first_blocked_s']:.3f} s), "
-        f"{row['blocked_ratio'] * 100:.1f}% of sync "
+        f"(first save {row['async_first_blocked_s']:.3f} s, slowest steady save "
+        f"{row['async_blocked_max_s']:.3f} s), {row['blocked_ratio'] * 100:.1f}% of sync "
         f"[plan {row['plan_s']:.3f} s, stage {row['stage_s']:.3f} s]; "
         f"background write {row['write_s']:.2f} s = {row['write_gbps']:.2f} GB/s, "
         f"{row['write_vs_disk'] * 100:.0f}% of the disk's {row['disk_gbps']:.2f} GB/s "
@@ -263,7 +341,12 @@ def print_row(row: dict[str, Any]) -> None:
         + ", ".join(f"{p:.2f}" for p in row["peak_rss_gb"])
         + " GB (rise "
         + ", ".join(f"{p:.2f}" for p in row["rss_rise_gb"])
-        + " GB)",
+        + " GB; over the saves "
+        + ", ".join(f"{p:.2f}" for p in row["rss_rise_save_gb"])
+        + f" GB); training {row['overlap_steps']} steps during a background write: "
+        "memory of each rank and its writers +"
+        + ", ".join(f"{p:.2f}" for p in row["overlap_mem_rise_gb"])
+        + f" GB (rank's share of the checkpoint {row['share_gb']:.2f} GB)",
         flush=True,
     )
 

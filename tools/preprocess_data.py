@@ -19,12 +19,16 @@ by sentencepiece itself first) and Hugging Face tokenizer.json BPE tokenizers. O
 the backend, and why gigatoken was not used. jsonl chunks are parsed by Arrow's JSON reader
 (line by line with json.loads when a chunk has a bad record, for its exact message), and
 with gigatoken the texts stay Arrow arrays, never Python strings (except non-ASCII documents
-for a SentencePiece normalizer). The main process only reads (whole blocks, not lines),
-decompresses and writes; nothing imports torch. Results are written in input order, so the
-output is byte-identical for any number of workers. At most `4 x workers` chunks are in
-flight and the index is built from a spooled file, so memory stays flat however large the
-input is. Progress lines report docs/s and tokens/s; tools/bench_preprocess.py measures it
-against Megatron-LM's strategies.
+for a SentencePiece normalizer). With several workers, uncompressed jsonl files are cut
+into spans of whole lines that each worker reads, encodes and writes to its own part files
+(no text or tokens pass between processes), and the main process appends the parts in
+input order (a kernel copy, `os.copy_file_range`); compressed files and parquet, which cannot
+be read from a byte offset, are read and decompressed by the main process (whole blocks, not
+lines) and sent to the workers in chunks whose tokens come back. One worker encodes in the
+main process. Nothing imports torch. The output is byte-identical for any number of
+workers. At most `4 x workers` chunks or spans are in flight and the index is built from a
+spooled file, so memory stays flat however large the input is. Progress lines report
+docs/s and tokens/s; tools/bench_preprocess.py measures it against Megatron-LM's strategies.
 
 Safety: outputs are written under temporary names and renamed only when every file is
 complete; existing outputs are kept unless `--overwrite`. A malformed record stops the run
@@ -45,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import glob
 import multiprocessing
 import os
 import sys
@@ -67,8 +72,12 @@ from megatron_forge.data.corpus import (
     Texts,
     chunk_records,
     drop_blank,
+    is_plain_jsonl,
     iter_chunks,
+    iter_span_chunks,
+    renumber_bad_record,
     resolve_inputs,
+    split_jsonl,
 )
 from megatron_forge.data.indexed import IndexedDatasetWriter, optimal_dtype
 from megatron_forge.data.tokenizer import MissingSpecialTokenError, Tokenizer, load_tokenizer
@@ -83,6 +92,9 @@ NATIVE_CHUNK_LINES = 1024
 # corpus 1 MiB batches run at ~20 MB/s, 8 MiB at ~45, 16 MiB at ~55 (its byte-level BPE keeps
 # its cache across calls; GigatokenEncoder bounds that).
 FAST_CHUNK_BYTES = 16 << 20
+# With several workers, an uncompressed jsonl file is cut into spans of at most this many
+# chunks, each read, encoded and written by one worker (see Span).
+SPAN_CHUNKS = 4
 
 
 def chunk_size(tokenizer: Tokenizer, lines_per_chunk: int | None) -> tuple[int, int]:
@@ -104,15 +116,44 @@ def existing_outputs(prefix: str, json_keys: list[str]) -> list[str]:
 
 
 @dataclass
+class Span:
+    """A byte range of an uncompressed jsonl file (whole lines, `corpus.split_jsonl`) that
+    one worker reads, encodes and writes to its own part files, `parts[key]` (.bin, and its
+    lengths beside it): only this description and the counts cross processes, not the text
+    nor the tokens. The main process appends the parts in input order."""
+
+    path: str
+    start: int
+    end: int
+    parts: dict[str, str]
+    lines_per_chunk: int
+    max_bytes: int
+    stop_at_bad: bool  # stop reading at the first bad record (the run stops there anyway)
+
+
+@dataclass
 class EncodedChunk:
     """What a worker returns for one chunk: per json key, the tokens of its documents back
-    to back and each document's length (two arrays pickle far faster than many lists)."""
+    to back and each document's length (two arrays pickle far faster than many lists); for
+    a Span, the part files it wrote them to instead, and how many lines it read."""
 
     tokens: dict[str, np.ndarray]
     lengths: dict[str, np.ndarray]
     num_empty: dict[str, int]
     bad_records: list[str] = field(default_factory=list)  # "file:line: reason"
     num_bytes: int = 0
+    num_bad: int = 0  # bad records; only the first MAX_BAD_RECORDS_SHOWN are kept for a span
+    parts: dict[str, str] = field(default_factory=dict)
+    num_documents: dict[str, int] = field(default_factory=dict)
+    num_tokens: dict[str, int] = field(default_factory=dict)
+    path: str = ""
+    num_lines: int = 0  # a span's newlines: its bad records' lines count from its start
+
+    def __post_init__(self) -> None:
+        self.num_bad = self.num_bad or len(self.bad_records)
+        for key, lengths in self.lengths.items():
+            self.num_documents.setdefault(key, len(lengths))
+            self.num_tokens.setdefault(key, int(self.tokens[key].size))
 
 
 @dataclass
@@ -127,10 +168,39 @@ class Encoder:
     def encode_chunk(self, chunk: Chunk) -> EncodedChunk:
         # Arrow arrays straight into the tokenizer when it takes them: no Python strings.
         texts, bad = chunk_records(chunk, self.json_keys, arrow=self.tokenizer.takes_arrow)
-        out = EncodedChunk({}, {}, {}, bad, chunk.num_bytes)
+        tokens, lengths, empty = {}, {}, {}
         for key in self.json_keys:
-            docs, out.num_empty[key] = drop_blank(texts[key])
-            out.tokens[key], out.lengths[key] = self.encode_texts(docs)
+            docs, empty[key] = drop_blank(texts[key])
+            tokens[key], lengths[key] = self.encode_texts(docs)
+        return EncodedChunk(tokens, lengths, empty, bad, chunk.num_bytes)
+
+    def encode_span(self, span: Span) -> EncodedChunk:
+        """Read, encode and write one span to its part files, chunk by chunk."""
+        keys = self.json_keys
+        out = EncodedChunk({}, {}, dict.fromkeys(keys, 0), parts=span.parts, path=span.path)
+        out.num_documents, out.num_tokens = dict.fromkeys(keys, 0), dict.fromkeys(keys, 0)
+        writers = {key: IndexedDatasetWriter(span.parts[key], self.dtype) for key in keys}
+        try:
+            chunks = iter_span_chunks(
+                Path(span.path), span.start, span.end, span.lines_per_chunk, span.max_bytes
+            )
+            for chunk in chunks:
+                encoded = self.encode_chunk(chunk)
+                for key, writer in writers.items():
+                    writer.add_documents(encoded.tokens[key], encoded.lengths[key])
+                    out.num_documents[key] += encoded.num_documents[key]
+                    out.num_tokens[key] += encoded.num_tokens[key]
+                    out.num_empty[key] += encoded.num_empty[key]
+                shown = MAX_BAD_RECORDS_SHOWN - len(out.bad_records)
+                out.bad_records += encoded.bad_records[: max(shown, 0)]
+                out.num_bad += encoded.num_bad
+                out.num_bytes += chunk.num_bytes
+                out.num_lines += chunk.payload.count(b"\n")
+                if encoded.num_bad and span.stop_at_bad:
+                    break
+        finally:
+            for writer in writers.values():
+                writer.close()
         return out
 
     def encode_texts(self, texts: Texts) -> tuple[np.ndarray, np.ndarray]:
@@ -156,18 +226,22 @@ def _init_worker(
     _WORKER_ENCODER = Encoder(tokenizer, json_keys, append_eod, dtype)
 
 
-def _encode_in_worker(chunk: Chunk) -> EncodedChunk:
+def _encode_in_worker(task: Chunk | Span) -> EncodedChunk:
     assert _WORKER_ENCODER is not None
-    return _WORKER_ENCODER.encode_chunk(chunk)
+    if isinstance(task, Span):
+        return _WORKER_ENCODER.encode_span(task)
+    return _WORKER_ENCODER.encode_chunk(task)
 
 
 def encode_all(
-    chunks: Iterator[Chunk], encoder: Encoder, tokenizer_path: str, num_workers: int
+    chunks: Iterator[Chunk | Span], encoder: Encoder, tokenizer_path: str, num_workers: int
 ) -> Iterator[EncodedChunk]:
-    """Encode chunks in order, in `num_workers` processes with a bounded read-ahead.
+    """Encode chunks (and spans) in order, in `num_workers` processes with a bounded
+    read-ahead.
 
     Pool.imap would read the whole input ahead of slow workers; a window of pending
-    results keeps memory flat however large the input is.
+    results keeps memory flat however large the input is (and, for spans, the part files
+    waiting to be appended: at most 4 x workers spans' tokens on disk).
     """
     global _WORKER_ENCODER
     if num_workers <= 1:
@@ -212,9 +286,16 @@ class Outputs:
         for key in self.json_keys:
             self.writers[key] = IndexedDatasetWriter(self.tmp_prefix(key) + ".bin", self.dtype)
 
+    def part_path(self, key: str, index: int) -> str:
+        """Where a worker writes the documents of span `index` (see Span)."""
+        return f"{self.tmp_prefix(key)}.part{index}.bin"
+
     def add(self, encoded: EncodedChunk) -> None:
         for key, writer in self.writers.items():
-            writer.add_documents(encoded.tokens[key], encoded.lengths[key])
+            if encoded.parts:
+                writer.add_part(encoded.parts[key])
+            else:
+                writer.add_documents(encoded.tokens[key], encoded.lengths[key])
 
     def commit(self) -> None:
         """Write the .idx files, then move every pair to its final name."""
@@ -230,6 +311,9 @@ class Outputs:
         for key, writer in self.writers.items():
             writer.discard()
             Path(self.tmp_prefix(key) + ".idx").unlink(missing_ok=True)
+            tmp = Path(self.tmp_prefix(key))
+            for part in tmp.parent.glob(glob.escape(tmp.name) + ".part*.bin*"):
+                part.unlink(missing_ok=True)  # spans not yet appended
 
 
 @dataclass
@@ -243,11 +327,13 @@ class Stats:
     num_bytes: int = 0
     backend: str = ""
     start: float = field(default_factory=time.monotonic)
+    num_shown: int = 0  # bad records printed
+    lines_read: dict[str, int] = field(default_factory=dict)  # per file, through spans
 
     def add(self, chunk: EncodedChunk) -> None:
         for key in self.num_docs:
-            self.num_docs[key] += len(chunk.lengths[key])
-            self.num_tokens[key] += int(chunk.tokens[key].size)
+            self.num_docs[key] += chunk.num_documents[key]
+            self.num_tokens[key] += chunk.num_tokens[key]
             self.num_empty[key] += chunk.num_empty[key]
         self.num_bytes += chunk.num_bytes
 
@@ -278,14 +364,50 @@ class Stats:
 
 def write_chunk(encoded: EncodedChunk, outputs: Outputs, stats: Stats, skip_bad: bool) -> None:
     """Append a chunk's documents to the outputs; stop at a bad record unless `skip_bad`."""
-    if encoded.bad_records and not skip_bad:
-        raise BadRecordError(encoded.bad_records[0])
-    for reason in encoded.bad_records:
-        if stats.num_bad < MAX_BAD_RECORDS_SHOWN:
-            print(f"skipped {reason}", file=sys.stderr)
-        stats.num_bad += 1
+    bad = encoded.bad_records
+    if encoded.parts:  # a span: its lines count from its start
+        before = stats.lines_read.get(encoded.path, 0)
+        bad = [renumber_bad_record(reason, encoded.path, before) for reason in bad]
+        stats.lines_read[encoded.path] = before + encoded.num_lines
+    if bad and not skip_bad:
+        raise BadRecordError(bad[0])
+    for reason in bad[: max(MAX_BAD_RECORDS_SHOWN - stats.num_shown, 0)]:
+        print(f"skipped {reason}", file=sys.stderr)
+        stats.num_shown += 1
+    stats.num_bad += encoded.num_bad
     outputs.add(encoded)
     stats.add(encoded)
+
+
+def plan_tasks(
+    files: list[Path], outputs: Outputs, workers: int, lines: int, max_bytes: int, stop: bool
+) -> Iterator[Chunk | Span]:
+    """What the workers encode, in input order: with several workers, spans of the
+    uncompressed jsonl files, read by the workers themselves; chunks read here for the others
+    (compressed files and parquet cannot be read from a byte offset), and for all files with
+    one worker (which encodes in this process).
+
+    Spans are about a quarter of a worker's share of the input (so that a worker slowed by
+    other work on its core leaves little for the others to wait on at the end), but at
+    least a chunk (smaller batches encode slower), at most a worker's share (each worker has
+    one span of a small input) and at most SPAN_CHUNKS chunks (for progress and disk use);
+    each worker gets as many (one file's spans are cut apart where its size allows)."""
+    plain = {path for path in files if workers > 1 and is_plain_jsonl(path)}
+    total = sum(path.stat().st_size for path in plain)
+    share = -(-total // workers)
+    target = min(max(share // 4, max_bytes), share, SPAN_CHUNKS * max_bytes)
+    rounds = max(-(-share // max(target, 1)), 1)
+    span_bytes = max(-(-total // (rounds * workers)), 1)
+    index = 0
+    for path in files:
+        if path not in plain:
+            yield from iter_chunks([path], outputs.json_keys, lines, max_bytes)
+            continue
+        for start, end in split_jsonl(path, span_bytes):
+            chunk_bytes = -(-(end - start) // -(-(end - start) // max_bytes))  # even chunks
+            parts = {key: outputs.part_path(key, index) for key in outputs.json_keys}
+            yield Span(str(path), start, end, parts, lines, chunk_bytes, stop)
+            index += 1
 
 
 def load_checked_tokenizer(path: str, append_eod: bool, backend: str = "native") -> Tokenizer:
@@ -344,7 +466,8 @@ def preprocess(args: argparse.Namespace) -> Stats:
     outputs.open()
     try:
         lines, max_bytes = chunk_size(tokenizer, args.lines_per_chunk)
-        chunks = iter_chunks(files, args.json_keys, lines, max_bytes)
+        stop = not args.skip_bad_records
+        chunks = plan_tasks(files, outputs, args.workers, lines, max_bytes, stop)
         with contextlib.closing(encode_all(chunks, encoder, args.tokenizer, args.workers)) as it:
             for encoded in it:
                 write_chunk(encoded, outputs, stats, args.skip_bad_records)

@@ -9,6 +9,13 @@ optimizer format comes from the checkpoint's ``content_metadata``, the scheduler
 ``opt_param_scheduler`` and the consumed samples from ``args.consumed_train_samples``
 where our own entries are missing (:func:`describe_checkpoint`).
 
+``checkpoint.load_mode`` says what is taken, as Megatron-LM's flags do: ``full``
+(everything), ``no_optim`` (its --no-load-optim: the weights, iteration, consumed samples,
+RNG and callback states; the optimizer and the scheduler as built, i.e. fresh) and
+``finetune`` (its --finetune: the weights only, a new run at step 0). Without the
+optimizer's state, its main parameters are set from the loaded weights (Megatron-LM's
+``reload_model_params``), since with bf16/fp16 parameters they are separate fp32 copies.
+
 Resharding (load under another layout): weights reshard under any TP, PP (with or without
 virtual pipeline), DP and EP change. The optimizer state follows its format
 (:data:`~.state.OPTIMIZER_FORMATS`): ``fully_reshardable`` reshards like the weights,
@@ -174,7 +181,8 @@ def check_optimizer_layout(
         f"layout: python -m megatron_forge.train --config <its config> {own_layout} "
         f"checkpoint.load={root} checkpoint.save=<new directory> "
         f"checkpoint.optimizer_format=fully_reshardable train.train_iters=<its iteration + 1>; "
-        "or set checkpoint.load_optimizer=false to load the weights only"
+        "or set checkpoint.load_mode=no_optim to load the weights and continue at its "
+        "iteration with a fresh optimizer and schedule (load_mode=finetune: from step 0)"
     )
 
 
@@ -226,9 +234,9 @@ def check_vocab(
 
 
 def _rng_to_load(
-    ckpt_cfg: CheckpointConfig, with_optimizer: bool, saved: SavedCheckpoint, path: Path
+    ckpt_cfg: CheckpointConfig, keeps_progress: bool, saved: SavedCheckpoint, path: Path
 ) -> Optional[str]:
-    if not (ckpt_cfg.load_rng and with_optimizer and saved.rng):
+    if not (ckpt_cfg.load_rng and keeps_progress and saved.rng):
         return None
     layout = parallel_layout()
     # RNG states are per (PP, TP, CP, DP) rank; EP does not change that grid (except in
@@ -272,7 +280,8 @@ def load_checkpoint(
 ) -> TrainState:
     """Load the latest checkpoint under ``root`` into the model chunks (and, per
     ``ckpt_cfg``, the optimizer, scheduler, RNG and callback states); return the state to resume
-    from. Its step is 0 when only weights are loaded, or when a run that saves into
+    from. Its step is 0 with ``load_mode=finetune``, for a checkpoint without optimizer
+    state (a converted model) unless ``load_mode=no_optim``, and when a run that saves into
     ``root`` has not saved yet (the first job of one that resumes itself)."""
     from megatron.core import dist_checkpointing
 
@@ -293,10 +302,12 @@ def load_checkpoint(
     saved = describe_checkpoint(common)
     layout = {**parallel_layout(), "model_chunks": len(model_chunks)}
     check_vocab(saved_rows, _model_vocab_rows(model_chunks), saved, layout, path)
-    with_optimizer = ckpt_cfg.load_optimizer and saved.has_optimizer
+    mode = ckpt_cfg.resolved_load_mode
+    with_optimizer = mode == "full" and saved.has_optimizer
     if with_optimizer:
         check_optimizer_layout(saved, layout, path, root)
-    rng = _rng_to_load(ckpt_cfg, with_optimizer, saved, path)
+    keeps_progress = with_optimizer or mode == "no_optim"
+    rng = _rng_to_load(ckpt_cfg, keeps_progress, saved, path)
     metadata = optimizer_metadata(saved.sharding, saved.content)
     if saved.content is None:  # written without content metadata: its exact keys
         metadata = {k: v for k, v in metadata.items() if k != "chained_optim_avoid_prefix"}
@@ -314,18 +325,24 @@ def load_checkpoint(
         ) from err
     for key, chunk in zip(model_keys(model_chunks), model_chunks):
         chunk.module.load_state_dict(state[key])
-    # load_optimizer=false starts a new run from these weights (fine-tuning, a changed
-    # recipe), so callbacks start afresh too (a new W&B run rather than the old one's id).
-    callbacks = callback_states(common) if ckpt_cfg.load_optimizer else {}
-    if not with_optimizer:
+    # finetune starts a new run from these weights (fine-tuning, a changed recipe), so
+    # callbacks start afresh too (a new W&B run rather than the old one's id).
+    callbacks = callback_states(common) if mode != "finetune" else {}
+    if with_optimizer:
+        optimizer.load_state_dict(state["optimizer"])
+        untie_adam_steps(optimizer)
+        # megatron-core's load_state_dict steps the scheduler by the saved num_steps from
+        # where it stands: a load into a scheduler that has run (a rollback) must start at 0.
+        scheduler.num_steps = 0
+        scheduler.load_state_dict(scheduler_state(state))
+    elif optimizer is not None:
+        # The optimizer steps its main parameters and copies them into the model's: with
+        # bf16/fp16 parameters those are fp32 copies of the initial weights, which would
+        # replace the loaded ones at the first step.
+        optimizer.reload_model_params()
+    if not keeps_progress:
         return TrainState(callbacks=callbacks)
     resumed = TrainState(callbacks=callbacks)
-    optimizer.load_state_dict(state["optimizer"])
-    untie_adam_steps(optimizer)
-    # megatron-core's load_state_dict steps the scheduler by the saved num_steps from
-    # where it stands: a load into a scheduler that has run (a rollback) must start at 0.
-    scheduler.num_steps = 0
-    scheduler.load_state_dict(scheduler_state(state))
     if rng == "megatron":
         set_megatron_rng_state(state["rng_state"])
     elif rng is not None:
@@ -343,7 +360,8 @@ def scheduler_state(common: dict[str, Any]) -> dict[str, Any]:
             return common[key]
     raise CheckpointError(
         "the checkpoint holds no scheduler state (scheduler or opt_param_scheduler); set "
-        "checkpoint.load_optimizer=false to load its weights only"
+        "checkpoint.load_mode=no_optim to load its weights and continue at its iteration "
+        "with a fresh optimizer and schedule (or load_mode=finetune to start at step 0)"
     )
 
 

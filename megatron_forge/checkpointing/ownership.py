@@ -286,7 +286,7 @@ def _refuse_overwriting_newer(
     if not newer:
         return
     if not load_optimizer:
-        why = "checkpoint.load_optimizer=false starts again from step 0"
+        why = "checkpoint.load_mode=finetune (or load_optimizer=false) starts again from step 0"
     elif load_iteration is not None:
         why = f"checkpoint.load_iteration={load_iteration} resumes before them"
     else:

@@ -21,6 +21,11 @@ and shard distribution, Megatron-LM's ``--ckpt-assume-constant-structure``), so 
 after the first ones skips the planning collectives. Each save's times are kept apart:
 planning (``last_plan_s``), staging (``last_stage_s``), the whole blocked time
 (``last_blocked_s``) and, once finished, the background write (``last_write_s``).
+
+The background writer is a process forked when the save is scheduled: device tensors
+are copied to host memory before the fork (megatron-core's staging), CPU tensors are not
+copied at all, the fork being their snapshot (:mod:`.fork_writer`). With
+``checkpoint.persistent_writer`` (GPUs only) megatron-core's own persistent writer stages.
 """
 
 from __future__ import annotations
@@ -89,10 +94,11 @@ class Checkpointer:
         self.last_blocked_s = 0.0
         """Seconds the last save held up training (staging, or the whole write if sync)."""
         self.last_plan_s = 0.0
-        """Of those, building the sharded state and planning the write (in which
-        megatron-core also copies tensor views into contiguous buffers)."""
+        """Of those, building the sharded state and planning the write (with megatron-core's
+        persistent writer, also its copies of CPU tensor views)."""
         self.last_stage_s = 0.0
-        """Of those, staging the tensors for the background writer (async only)."""
+        """Of those, staging the tensors for the background writer (async only): the copy
+        of device tensors to host memory and the fork of the writer."""
         self.last_write_s: Optional[float] = None
         """Seconds from the end of staging until every rank had written the last finished
         save (observed when it is finalized, so at most one step late); None until then."""
@@ -128,12 +134,6 @@ class Checkpointer:
             return
         self.finalize(blocking=True)
         start = time.perf_counter()
-        if self._prepare_dir(step, config) == "saved":
-            # This run resumed from that very checkpoint and has not stepped since.
-            self._finish(step)
-            self.last_blocked_s = time.perf_counter() - start
-            return
-        target = iteration_dir(self.root, step)
         # Before the first step the optimizer holds no state to save (megatron's
         # distributed optimizer refuses); such a checkpoint is an initialization.
         with_optimizer = step > 0
@@ -160,6 +160,15 @@ class Checkpointer:
                 "num_floating_point_operations_so_far": 0,
             }
         )
+        # The directory last, then straight to the save: a rank that writes sooner would
+        # otherwise make rank 0's megatron-core report the directory as an old, incomplete
+        # checkpoint.
+        if self._prepare_dir(step, config) == "saved":
+            # This run resumed from that very checkpoint and has not stepped since.
+            self._finish(step)
+            self.last_blocked_s = time.perf_counter() - start
+            return
+        target = iteration_dir(self.root, step)
         from megatron.core import dist_checkpointing
 
         strategy, first = self._strategy(with_optimizer)
@@ -208,7 +217,13 @@ class Checkpointer:
             TorchDistSaveShardedStrategy,
         )
 
-        strategy: Any = TorchDistSaveShardedStrategy("torch_dist", 1, cached_metadata=True)
+        from megatron_forge.checkpointing.fork_writer import ForkStagedSaveStrategy
+
+        # A forked writer snapshots CPU tensors itself; the persistent one shares them.
+        kind = (
+            TorchDistSaveShardedStrategy if self.cfg.persistent_writer else ForkStagedSaveStrategy
+        )
+        strategy: Any = kind("torch_dist", 1, cached_metadata=True)
         group = ps.get_data_parallel_group(with_context_parallel=True)
         if self.cfg.fully_parallel_save and dist.get_world_size(group) > 1:
             strategy = FullyParallelSaveStrategyWrapper(strategy, group, do_cache_distribution=True)

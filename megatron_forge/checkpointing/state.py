@@ -144,7 +144,9 @@ def megatron_args(
         seq_length=model.get("seq_length"),
         max_position_embeddings=model.get("max_position_embeddings") or model.get("seq_length"),
         position_embedding_type="rope",
-        add_position_embedding=False,
+        # What a Megatron-LM RoPE run has (--position-embedding-type rope; its deprecated
+        # --no-position-embedding would make it False) and check_checkpoint_args compares.
+        add_position_embedding=True,
         make_vocab_size_divisible_by=model.get("make_vocab_size_divisible_by"),
         num_experts=model.get("num_experts"),
         micro_batch_size=train.get("micro_batch_size"),
@@ -275,7 +277,7 @@ def sharded_state(
     }
     if with_optimizer:
         if is_loading:
-            _prepare_optimizer_for_load(optimizer)
+            prepare_optimizer_for_load(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(
             dict(state), is_loading=is_loading, metadata=metadata
         )
@@ -293,7 +295,7 @@ def sharded_state(
 # megatron-core 0.16.1 gaps on the torch-Adam path (no TE/apex: CPU, or GPUs without TE)
 
 
-def _prepare_optimizer_for_load(optimizer: Any) -> None:
+def prepare_optimizer_for_load(optimizer: Any) -> None:
     """Two gaps when loading a 'fully_reshardable' distributed optimizer state:
 
     - sharded_state_dict(is_loading=True) reads Adam's 'step' first, which a never-stepped

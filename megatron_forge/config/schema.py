@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
@@ -582,6 +583,17 @@ class ModelConfig:
         return "sdpa" if cuda_available else "local"
 
 
+def _pipeline_layout_class() -> type:
+    """megatron-core's PipelineParallelLayerLayout (imported on first use: it imports
+    megatron-core, which warns where TE or apex is missing)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from megatron.core.transformer.pipeline_parallel_layer_layout import (
+            PipelineParallelLayerLayout,
+        )
+    return PipelineParallelLayerLayout
+
+
 @dataclass
 class ParallelConfig:
     tensor: int = 1
@@ -600,6 +612,13 @@ class ParallelConfig:
     layers_in_last_stage: Optional[int] = None
     """Uneven pipeline: layers of the last stage (e.g. fewer, it also holds the output
     layer and loss); null: an even share."""
+    pipeline_layout: Optional[str] = None
+    """Where every layer goes (megatron-core's ``pipeline_model_parallel_layout``), e.g.
+    DeepSeek-V3's ``"Et|(tt|)*30mL"``: one group per pipeline stage, separated by ``|``,
+    PP x virtual_pipeline groups in order (group ``i`` on pipeline rank ``i mod PP``); ``E``
+    the embedding (first group), ``t`` a decoder layer, ``m`` a multi-token prediction layer
+    (last group), ``L`` the loss (last group); ``(...)*N`` and ``t*N`` repeat. null:
+    megatron-core's split (even, or layers_in_first_stage / layers_in_last_stage)."""
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = True
     """ZeRO-1: shard optimizer state over data-parallel ranks."""
@@ -626,6 +645,17 @@ class ParallelConfig:
             "parallel.layers_in_first_stage / layers_in_last_stage need parallel.pipeline > 1; "
             "remove them for a single stage",
         )
+        if self.pipeline_layout is not None:
+            _require(
+                self.pipeline > 1,
+                "parallel.pipeline_layout needs parallel.pipeline > 1; remove it for a single "
+                "stage",
+            )
+            _require(
+                self.layers_in_first_stage is None and self.layers_in_last_stage is None,
+                "parallel.pipeline_layout places every layer itself: remove "
+                "parallel.layers_in_first_stage / layers_in_last_stage",
+            )
         if self.virtual_pipeline is not None:
             _require(
                 self.virtual_pipeline >= 2 and self.pipeline >= 2,
@@ -659,11 +689,39 @@ class ParallelConfig:
 
     @property
     def uneven_pipeline(self) -> bool:
-        return self.layers_in_first_stage is not None or self.layers_in_last_stage is not None
+        """Whether stages may hold different numbers of layers (first/last stage sizes, or a
+        pipeline_layout)."""
+        return (
+            self.layers_in_first_stage is not None
+            or self.layers_in_last_stage is not None
+            or self.pipeline_layout is not None
+        )
+
+    def layout_groups(self) -> list[str]:
+        """pipeline_layout as one string of layer letters per group (``E``, ``t``, ``m``,
+        ``L``), in order, repetitions unrolled (megatron-core's parser); [] without it."""
+        if self.pipeline_layout is None:
+            return []
+        letters = {"embedding": "E", "decoder": "t", "mtp": "m", "loss": "L"}
+        try:
+            groups = _pipeline_layout_class().parse_str_to_list(self.pipeline_layout)
+        except (AssertionError, ValueError) as e:
+            raise ConfigError(
+                f"parallel.pipeline_layout={self.pipeline_layout!r} cannot be read: {e}; "
+                'write one group per stage separated by "|" with the letters E, t, m, L '
+                'and repetitions (...)*N or t*N, e.g. "Et|(tt|)*3tL"'
+            ) from None
+        return ["".join(letters[kind.name] for kind in group) for group in groups]
 
     def layers_per_stage(self, num_layers: int) -> list[int]:
         """Decoder layers of each pipeline stage (virtual chunks of a rank summed), as
-        megatron-core splits them: first/last stage as set, the middle ones evenly."""
+        megatron-core splits them: as pipeline_layout places them, else first/last stage
+        as set and the middle ones evenly."""
+        if self.pipeline_layout is not None:
+            stages = [0] * self.pipeline
+            for index, group in enumerate(self.layout_groups()):
+                stages[index % self.pipeline] += group.count("t")
+            return stages
         first, last, pp = self.layers_in_first_stage, self.layers_in_last_stage, self.pipeline
         middle_stages = pp - (first is not None) - (last is not None)
         rest = num_layers - (first or 0) - (last or 0)
@@ -1028,7 +1086,15 @@ class PrecisionConfig:
             )
 
 
-RECOMPUTE_MODULES = ("core_attn", "mlp", "moe", "moe_act", "layernorm", "shared_experts")
+RECOMPUTE_MODULES = (
+    "core_attn",
+    "mlp",
+    "moe",
+    "moe_act",
+    "layernorm",
+    "shared_experts",
+    "mla_up_proj",
+)
 
 
 @dataclass
@@ -1074,8 +1140,16 @@ class CheckpointConfig:
     """Also save when this much wall-clock time passed since the last save."""
     async_save: bool = True
     """Write in a background process; the step blocks only while the state is staged."""
+    load_mode: Literal["full", "no_optim", "finetune"] = "full"
+    """What is taken from checkpoint.load. ``full``: everything (a resume). ``no_optim``
+    (Megatron-LM's --no-load-optim): the weights, the iteration, the consumed samples, the
+    RNG and callback states; the optimizer and the learning-rate schedule start fresh (Adam
+    moments at zero, the schedule from its warmup at the resumed iteration, as in
+    Megatron-LM, whose scheduler state is not loaded either); e.g. after a layout change
+    the optimizer's format cannot follow. ``finetune`` (Megatron-LM's --finetune): the
+    weights only; a new run from step 0 (e.g. from a converted Hugging Face model)."""
     load_optimizer: bool = True
-    """False loads weights only (start a new optimizer, e.g. from a converted HF model)."""
+    """False: the older spelling of load_mode=finetune (weights only, a new run at step 0)."""
     load_rng: bool = True
     """Restore RNG states (skipped with a warning when the TP/PP/CP/DP layout changed)."""
     keep_last: Optional[int] = None
@@ -1115,6 +1189,14 @@ class CheckpointConfig:
     def __post_init__(self) -> None:
         _require(self.save_interval >= 0, "checkpoint.save_interval must be >= 0")
         _require(
+            self.load_optimizer or self.load_mode != "no_optim",
+            "checkpoint.load_optimizer=false (the older spelling of load_mode=finetune: a new "
+            "run at step 0) contradicts checkpoint.load_mode=no_optim (keep the iteration, "
+            "fresh optimizer); remove checkpoint.load_optimizer",
+        )
+        if self.load_mode == "finetune":
+            self.load_optimizer = False  # what the code that reads the older field expects
+        _require(
             self.load_iteration is None or self.load_iteration >= 0,
             f"checkpoint.load_iteration={self.load_iteration} must be >= 0 (or null to load "
             "the iteration the tracker names)",
@@ -1131,6 +1213,11 @@ class CheckpointConfig:
         _require(
             self.keep_every is None or self.keep_every >= 1, "checkpoint.keep_every must be >= 1"
         )
+
+    @property
+    def resolved_load_mode(self) -> str:
+        """load_mode, with the older load_optimizer=false read as finetune."""
+        return self.load_mode if self.load_optimizer else "finetune"
 
 
 @dataclass
@@ -1462,6 +1549,60 @@ class Config:
                 "of the smallest pipeline stage (recompute.method=block)",
             )
 
+    def _check_pipeline_layout(self) -> None:
+        """parallel.pipeline_layout against the pipeline, the layers and the MTP layers, by
+        megatron-core's own rules, with messages that name the fields."""
+        m, p = self.model, self.parallel
+        groups, where = p.layout_groups(), f"parallel.pipeline_layout={p.pipeline_layout!r}"
+        vp = len(groups) // p.pipeline
+        _require(
+            len(groups) % p.pipeline == 0 and vp == (p.virtual_pipeline or 1),
+            f"{where} has {len(groups)} stage groups, but parallel.pipeline={p.pipeline} x "
+            f"virtual_pipeline={p.virtual_pipeline} needs {p.pipeline * (p.virtual_pipeline or 1)}"
+            + (
+                f"; set parallel.virtual_pipeline={vp}"
+                if len(groups) % p.pipeline == 0 and vp > 1
+                else ""
+            ),
+        )
+        flat = "".join(groups)
+        _require(
+            flat.count("t") == m.num_layers,
+            f"{where} places {flat.count('t')} decoder layers (t), model.num_layers is "
+            f"{m.num_layers}",
+        )
+        mtp = m.mtp_num_layers or 0
+        _require(
+            flat.count("m") == mtp,
+            f"{where} places {flat.count('m')} MTP layers (m), model.mtp_num_layers is "
+            f"{m.mtp_num_layers}",
+        )
+        _require(
+            flat.startswith("E") and flat.count("E") == 1,
+            f'{where}: the embedding (E) must open the first group, once (e.g. "Et|...")',
+        )
+        _require(
+            flat.endswith("L") and flat.count("L") == 1,
+            f'{where}: the loss (L) must close the last group, once (e.g. "...|ttL")',
+        )
+        _require(
+            "m" not in "".join(groups[:-1]),
+            f"{where}: the MTP layers (m) must be in the last group, with the loss (e.g. "
+            '"...|tmL")',
+        )
+        layout = _pipeline_layout_class()(p.pipeline_layout, p.pipeline)
+        try:  # megatron-core's own checks, should it have more than the above
+            layout.validate_layer_layout(m.num_layers, m.mtp_num_layers)
+        except (AssertionError, NotImplementedError) as e:
+            raise ConfigError(f"{where}: {e}") from None
+        if self.recompute.granularity == "full" and self.recompute.method == "block":
+            fewest = min(group.count("t") for group in groups)
+            _require(
+                self.recompute.num_layers <= fewest,
+                f"recompute.num_layers={self.recompute.num_layers} exceeds the {fewest} "
+                f"decoder layers of the smallest group of {where} (recompute.method=block)",
+            )
+
     def _check_expert_tensor(self, world_size: int) -> None:
         m, p = self.model, self.parallel
         if p.expert_tensor is None:
@@ -1520,7 +1661,9 @@ class Config:
                     "(Multi-Latent Attention splits the latent projections over TP ranks)",
                 )
         stages = p.pipeline * (p.virtual_pipeline or 1)
-        if p.uneven_pipeline:
+        if p.pipeline_layout is not None:
+            self._check_pipeline_layout()
+        elif p.uneven_pipeline:
             self._check_uneven_pipeline()
         else:
             _require(
@@ -1641,6 +1784,13 @@ class Config:
                 f"recompute.num_layers={r.num_layers} exceeds the {per_stage} layers per "
                 "pipeline stage (recompute.method=block)",
             )
+        _require(
+            r.granularity != "selective"
+            or "mla_up_proj" not in r.modules
+            or m.multi_latent_attention,
+            "recompute.modules=[mla_up_proj] recomputes Multi-Latent Attention's up "
+            "projections: it needs model.multi_latent_attention=true; remove it",
+        )
         if r.granularity == "selective" and "moe_act" in r.modules:
             _require(
                 te_available and m.moe_grouped_gemm is not False,

@@ -90,7 +90,7 @@ def config_from_hf(
                 },
                 "data": {"tokenizer": str(hf_dir) if has_tokenizer else None},
                 "precision": {"params_dtype": dtype_name},
-                "checkpoint": {"load_optimizer": False},
+                "checkpoint": {"load_mode": "finetune"},
                 "export": export,
             }
         )

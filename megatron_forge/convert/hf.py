@@ -7,6 +7,7 @@ vLLM, SGLang and TensorRT-LLM 1.x (PyTorch backend) load the result directly.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
@@ -27,7 +28,7 @@ from megatron_forge.convert.files import (
 from megatron_forge.convert.reader import MegatronCheckpoint
 from megatron_forge.data.tokenizer import Tokenizer, TokenizerLoadError, load_tokenizer
 from megatron_forge.errors import ConvertError
-from megatron_forge.models import get_family
+from megatron_forge.models import ModelFamily, get_family
 from megatron_forge.models.mapping import Rule, stacked_shapes
 from megatron_forge.utils import DTYPES
 
@@ -140,15 +141,29 @@ def export_metadata(ckpt: MegatronCheckpoint, vocab_size: int) -> ExportConfig:
     return export
 
 
-def iter_hf_tensors(ckpt: MegatronCheckpoint, rules: list[Rule], dtype: torch.dtype):
-    """Yield (name, tensor) in rule order, reading one rule's megatron tensors at a time."""
+def iter_hf_tensors(
+    ckpt: MegatronCheckpoint, rules: list[Rule], dtype_of: Callable[[str], torch.dtype]
+):
+    """Yield (name, tensor) in rule order, reading one rule's megatron tensors at a time;
+    each tensor in ``dtype_of(name)``."""
     for rule in rules:
         release_freed_memory()
         tensors = {key: ckpt.read(key, rule.index) for key in rule.megatron}
         converted = rule.to_hf(tensors)
         del tensors
         for name in rule.hf:
-            yield name, converted.pop(name).to(dtype)
+            yield name, converted.pop(name).to(dtype_of(name))
+
+
+def export_dtypes(family: ModelFamily, dtype: torch.dtype) -> Callable[[str], torch.dtype]:
+    """The dtype of each exported weight: ``dtype``, but never narrower than fp32 for the
+    weights the Hugging Face model keeps in fp32 (``family.hf_fp32_modules``)."""
+    keep = dtype.is_floating_point and torch.finfo(dtype).bits < 32
+
+    def dtype_of(name: str) -> torch.dtype:
+        return torch.float32 if keep and family.keeps_fp32(name) else dtype
+
+    return dtype_of
 
 
 def check_finite(ckpt: MegatronCheckpoint, name: str, tensor: torch.Tensor) -> None:
@@ -182,12 +197,13 @@ def export_hf(
     export = export_metadata(ckpt, vocab_size)
     ids = token_ids(tok, export)
     out_dtype = DTYPES[dtype] if dtype else ckpt.dtype(EMBEDDING)
-    specs = [TensorSpec(n, s, out_dtype) for r in rules for n, s in r.hf.items()]
+    dtype_of = export_dtypes(get_family(model.family), out_dtype)
+    specs = [TensorSpec(n, s, dtype_of(n)) for r in rules for n, s in r.hf.items()]
     with staged_output(out_dir, overwrite) as staging:
         writer = ShardedSafetensorsWriter(staging, specs, max_shard_size)
         total = sum(s.num_bytes for s in specs)
         with tqdm(total=total, desc="to-hf", unit="B", unit_scale=True, file=sys.stderr) as bar:
-            for name, tensor in iter_hf_tensors(ckpt, rules, out_dtype):
+            for name, tensor in iter_hf_tensors(ckpt, rules, dtype_of):
                 check_finite(ckpt, name, tensor)
                 writer.write(name, tensor)
                 bar.update(tensor.numel() * tensor.element_size())

@@ -140,13 +140,20 @@ def check_hf_weights(out: Path, hf: dict[str, Any], family: ModelFamily, report:
     missing = [n for n in expected if n not in reader]
     wrong = [n for n in expected if n in reader and reader.shape(n) != expected[n]]
     extra = [n for n in reader.entries if n not in expected]
-    dtypes = {HF_DTYPE_NAMES.get(reader.dtype(n), str(reader.dtype(n))) for n in reader.entries}
+    # the weights the model keeps in fp32 (family.hf_fp32_modules) may be fp32 whatever
+    # the dtype; every other weight is stored in config.json's dtype
+    dtypes = {
+        HF_DTYPE_NAMES.get(reader.dtype(n), str(reader.dtype(n)))
+        for n in reader.entries
+        if not (family.keeps_fp32(n) and reader.dtype(n) == torch.float32)
+    }
     report.check(not missing, f"{len(expected)} weights present", f"missing {missing[:5]}")
     report.check(not wrong, "weight shapes match config.json", f"wrong shapes: {wrong[:5]}")
     report.check(not extra, "no unexpected weights", f"unexpected {extra[:5]}")
     report.check(
-        dtypes == {hf_dtype_name(hf)},
-        f"weights stored as {sorted(dtypes)}",
+        dtypes <= {hf_dtype_name(hf)},
+        f"weights stored as {sorted(dtypes) or [hf_dtype_name(hf)]}"
+        + (f" ({', '.join(family.hf_fp32_modules)} in float32)" if family.hf_fp32_modules else ""),
         f"config.json says dtype={hf_dtype_name(hf)}",
     )
 

@@ -23,9 +23,11 @@ as ``--append-eod`` asks.
 from __future__ import annotations
 
 import os
+import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -104,10 +106,30 @@ class IndexedDatasetWriter:
         self.num_documents += len(lengths)
         self.num_tokens += int(tokens.size)
 
-    def finalize(self, idx_path: str) -> None:
-        """Close the .bin and write the .idx (megatron-core's layout, one sequence per doc)."""
+    def close(self) -> None:
+        """Close the files without writing an index: they are a part that another writer's
+        :meth:`add_part` appends."""
         self._bin.close()
         self._lengths.close()
+
+    def add_part(self, bin_path: str) -> None:
+        """Append the documents of a part (``bin_path`` and its lengths, as another writer of
+        this dtype left them at :meth:`close`), then delete the part's files. The bytes are
+        copied by the kernel where it can (``os.copy_file_range``)."""
+        lengths_path = bin_path + ".lengths"
+        num_tokens, remainder = divmod(os.path.getsize(bin_path), self.dtype.itemsize)
+        if remainder or os.path.getsize(lengths_path) % 4:
+            raise IndexedDatasetError(f"{bin_path}: a truncated part; it cannot be appended")
+        for source, target in ((bin_path, self._bin), (lengths_path, self._lengths)):
+            _append_file(source, target)
+        self.num_documents += os.path.getsize(lengths_path) // 4
+        self.num_tokens += num_tokens
+        os.unlink(bin_path)
+        os.unlink(lengths_path)
+
+    def finalize(self, idx_path: str) -> None:
+        """Close the .bin and write the .idx (megatron-core's layout, one sequence per doc)."""
+        self.close()
         num = self.num_documents
         lengths = np.memmap(self.lengths_path, np.int32, "r") if num else np.zeros(0, np.int32)
         with open(idx_path, "wb") as f:
@@ -134,6 +156,24 @@ class IndexedDatasetWriter:
             handle.close()
         for path in (self.bin_path, self.lengths_path):
             Path(path).unlink(missing_ok=True)
+
+
+def _append_file(source: str, target: Any) -> None:
+    """Copy the file at `source` to the end of the open binary file `target`."""
+    target.flush()
+    with open(source, "rb") as f:
+        size, done = os.fstat(f.fileno()).st_size, 0
+        try:  # in the kernel, no copy through this process
+            while done < size and (
+                n := os.copy_file_range(f.fileno(), target.fileno(), size - done)
+            ):
+                done += n
+        except (AttributeError, OSError):  # not on this system, or not between these files
+            pass
+        target.seek(0, os.SEEK_END)
+        if done < size:
+            f.seek(done)
+            shutil.copyfileobj(f, target, 4 << 20)
 
 
 @dataclass

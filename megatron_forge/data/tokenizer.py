@@ -574,21 +574,9 @@ class GigatokenEncoder:
             return self._run(self._ascii_tok, texts)
         if not ascii_.any():
             return self._run(self._tok, self._normalized(texts))
-        parts = [
-            self._run(self._ascii_tok, _select(texts, ascii_)),
-            self._run(self._tok, self._normalized(_select(texts, ~ascii_))),
-        ]
-        lengths = np.empty(len(ascii_), np.int64)
-        lengths[ascii_], lengths[~ascii_] = parts[0][1], parts[1][1]
-        flat = np.empty(int(lengths.sum()), np.result_type(parts[0][0], parts[1][0]))
-        starts = np.cumsum(lengths) - lengths
-        for (part_flat, part_lengths), mask in zip(parts, (ascii_, ~ascii_), strict=True):
-            # each document's ids go to its own place among all documents' ids
-            within = np.arange(part_flat.size) - np.repeat(
-                np.cumsum(part_lengths) - part_lengths, part_lengths
-            )
-            flat[np.repeat(starts[mask], part_lengths) + within] = part_flat
-        return flat, lengths
+        ascii_ids = self._run(self._ascii_tok, _select(texts, ascii_))
+        other_ids = self._run(self._tok, self._normalized(_select(texts, ~ascii_)))
+        return _in_document_order(ascii_, ascii_ids, other_ids)
 
     def _ascii_mask(self, texts: Any) -> np.ndarray:
         """Which texts `ascii_config` encodes: ASCII, and none of `ascii_excluded`."""
@@ -683,6 +671,31 @@ class GigatokenEncoder:
             return set()
         ends = np.cumsum(np.fromiter(map(len, texts), np.int64, len(texts)) + 1)
         return set(np.searchsorted(ends, hits, side="right").tolist())
+
+
+def _in_document_order(
+    mask: np.ndarray, chosen: tuple[np.ndarray, np.ndarray], others: tuple[np.ndarray, np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ids and lengths of documents encoded in two groups, those where `mask` is true
+    (`chosen`: their ids back to back, and lengths) and the others, back in document order.
+
+    Copied run by run (a run: consecutive documents of one group), one slice per run, rather
+    than token by token through index arrays (several passes over every token)."""
+    lengths = np.empty(len(mask), np.int64)
+    lengths[mask], lengths[~mask] = chosen[1], others[1]
+    cuts = np.flatnonzero(mask[1:] != mask[:-1]) + 1
+    ends = {True: np.cumsum(chosen[1]), False: np.cumsum(others[1])}  # a group's token ends
+    done = {True: np.cumsum(mask), False: np.cumsum(~mask)}  # its documents up to each one
+    pieces = []
+    for start, stop in zip([0, *cuts.tolist()], [*cuts.tolist(), len(mask)]):
+        group = bool(mask[start])
+        first, last = int(done[group][start]) - 1, int(done[group][stop - 1]) - 1
+        begin = int(ends[group][first - 1]) if first else 0
+        pieces.append((chosen if group else others)[0][begin : int(ends[group][last])])
+    dtype = np.result_type(chosen[0], others[0])
+    return (
+        np.concatenate(pieces).astype(dtype, copy=False) if pieces else np.zeros(0, dtype)
+    ), lengths
 
 
 def _select(texts: Any, mask: np.ndarray) -> Any:

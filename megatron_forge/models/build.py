@@ -65,6 +65,7 @@ def build_transformer_config(cfg: Config) -> Any:
         expert_tensor_parallel_size=p.expert_tensor_size,
         num_layers_in_first_pipeline_stage=p.layers_in_first_stage,
         num_layers_in_last_pipeline_stage=p.layers_in_last_stage,
+        pipeline_model_parallel_layout=p.pipeline_layout,
         sequence_parallel=p.sequence_parallel,
         params_dtype=dtype,
         pipeline_dtype=dtype,

@@ -17,6 +17,8 @@ that the rest of the package asks of a family:
 - ``serving`` (:class:`Serving`): whether vLLM and TensorRT-LLM serve its Hugging Face
   export and whether ``forge-convert to-trtllm`` supports it, with
   :meth:`~ModelFamily.trtllm_config` for its own TensorRT-LLM config fields.
+- ``hf_fp32_modules`` (optional): the weights its Hugging Face model keeps in fp32, which
+  the export never narrows.
 
 :func:`register` checks the class as it is defined, at import: a missing method or
 attribute, or a name, architecture or model_type that another family already has, raises
@@ -67,6 +69,19 @@ class ModelFamily(ABC):
     hf_model_type: ClassVar[str]
     """Hugging Face ``model_type`` of the exports, e.g. ``llama``."""
     serving: ClassVar[Serving]
+    hf_fp32_modules: ClassVar[tuple[str, ...]] = ()
+    """Hugging Face weights its model keeps in fp32 whatever dtype it is loaded in
+    (transformers' ``_keep_in_fp32_modules_strict``, e.g. a router's bias); the export
+    writes them in fp32 under ``--dtype bf16`` too, so no precision is lost on the way.
+    A name matches as a whole dotted component run: ``gate.weight`` matches
+    ``model.layers.3.mlp.gate.weight``, not ``gate_proj.weight``."""
+
+    def keeps_fp32(self, hf_name: str) -> bool:
+        """Whether the export writes ``hf_name`` in fp32 (see ``hf_fp32_modules``)."""
+        return any(
+            re.search(rf"(^|\.){re.escape(module)}($|\.)", hf_name)
+            for module in self.hf_fp32_modules
+        )
 
     @abstractmethod
     def transformer_fields(self, model: ModelConfig) -> dict[str, Any]:

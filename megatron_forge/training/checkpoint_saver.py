@@ -8,9 +8,9 @@ a ``checkpoint_refused`` event), and a due save is retried at the next finite st
 the tracker and retention only ever move on to checkpoints a run can continue from.
 
 Metrics of a step that saved: ``checkpoint_blocked_s`` (the time the step was held up),
-of which ``checkpoint_plan_s`` (building the sharded state and the save plan, with
-megatron-core's copies of tensor views into contiguous buffers) and
-``checkpoint_stage_s`` (handing the tensors to the background writer); and of the step at
+of which ``checkpoint_plan_s`` (building the sharded state and the save plan) and
+``checkpoint_stage_s`` (the device-to-host copy, on GPUs, and the fork of the background
+writer, whose copy-on-write snapshot stages CPU tensors); and of the step at
 which a background write was found finished, ``checkpoint_write_s`` (from the end of
 staging until every rank had written) with ``checkpoint_write_step``, the save's step.
 """
@@ -81,8 +81,8 @@ class CheckpointSaver(Callback):
             saved = self.save(trainer)
             self.deferred = not saved
             if saved:
-                # blocked = plan (sharded state, validation, save plan) + stage (copy for
-                # the background writer) + waiting for the previous save, if any
+                # blocked = plan (sharded state, validation, save plan) + stage (device-
+                # to-host copy, fork of the writer) + waiting for the previous save, if any
                 metrics["checkpoint_blocked_s"] = ck.last_blocked_s
                 # (getattr: a checkpointer without the breakdown reports the total only)
                 for name in ("plan", "stage"):

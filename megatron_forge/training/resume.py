@@ -1,10 +1,13 @@
 """What a resumed run must agree on with its checkpoint, checked before it is loaded.
 
 - ``train.train_iters`` must lie beyond the checkpoint's step: otherwise there is nothing
-  to train, which is almost always a mistake (a finished run submitted again).
+  to train, which is almost always a mistake (a finished run submitted again). This holds
+  for ``checkpoint.load_mode=no_optim`` too, which keeps the step; with ``finetune`` (or a
+  checkpoint without optimizer state) the run starts at step 0.
 - Hyper-parameters stored in the checkpoint: megatron-core's scheduler state (lr, min_lr,
   warmup, decay, weight decay) and the optimizer's parameter groups (their lr bounds,
-  Adam betas and eps) come back from the checkpoint and silently win over the config. A
+  Adam betas and eps) come back from the checkpoint (with ``load_mode=full`` only) and
+  silently win over the config. A
   config that asks for other values is an error listing them, unless
   ``train.resume_hparams`` says which side wins: ``config`` (Megatron-LM's
   --override-opt-param-scheduler) or ``checkpoint`` (--use-checkpoint-opt-param-scheduler).
@@ -110,8 +113,9 @@ def inherit_export(cfg: Config, common: dict[str, Any]) -> None:
 
 def check_resume(cfg: Config, scheduler: Any) -> Optional[int]:
     """Check ``cfg`` against the checkpoint that ``checkpoint.load`` resumes from, before
-    loading it, and tell the scheduler which values win; returns the checkpoint's step
-    (None: no checkpoint, or weights only). Raises ConfigError on a mismatch."""
+    loading it, and tell the scheduler which values win; returns the step the run resumes
+    at (None: no checkpoint, or a new run from its weights). Raises ConfigError on a
+    mismatch."""
     root = cfg.checkpoint.load
     iteration = iteration_to_load(root, cfg.checkpoint) if root else None
     if iteration is None:
@@ -119,7 +123,9 @@ def check_resume(cfg: Config, scheduler: Any) -> Optional[int]:
     path = iteration_dir(root, iteration)
     common = load_common_state(path)  # with the allowlist, as the load that follows
     inherit_export(cfg, common)
-    if not (cfg.checkpoint.load_optimizer and describe_checkpoint(common).has_optimizer):
+    mode = cfg.checkpoint.resolved_load_mode
+    with_optimizer = mode == "full" and describe_checkpoint(common).has_optimizer
+    if not (with_optimizer or mode == "no_optim"):
         return None  # weights only: a new run, with its own schedule from step 0
     t = cfg.train
     step = int(common["iteration"])
@@ -133,6 +139,8 @@ def check_resume(cfg: Config, scheduler: Any) -> Optional[int]:
             "train.skip_train=true to evaluate the checkpoint, or set checkpoint.load to "
             "another directory (or null) to start a new run"
         )
+    if not with_optimizer:
+        return step  # no_optim: the schedule starts afresh from the config's values
     saved_scheduler = scheduler_state(common)  # ours, or Megatron-LM's
     differences = hparam_differences(
         saved_scheduler,

@@ -425,8 +425,10 @@ class Trainer:
     def _newest_checkpoint(self) -> Optional[tuple[str, CheckpointConfig, int]]:
         """What a rollback reloads: the newest checkpoint of this run's checkpoint.save,
         else the one it started from (checkpoint.load); as (root, how to load, iteration).
-        Everything is loaded back, whatever load_optimizer and load_rng say."""
-        ck = dataclasses.replace(self.cfg.checkpoint, load_optimizer=True, load_rng=True)
+        Everything is loaded back, whatever load_mode, load_optimizer and load_rng say."""
+        ck = dataclasses.replace(
+            self.cfg.checkpoint, load_mode="full", load_optimizer=True, load_rng=True
+        )
         candidates = [(ck.save, dataclasses.replace(ck, load_iteration=None)), (ck.load, ck)]
         for root, how in candidates:
             if not root:

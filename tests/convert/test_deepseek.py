@@ -202,6 +202,30 @@ def test_to_hf_gives_back_every_tensor_and_the_config(deepseek_run: dict) -> Non
         assert getattr(after, field) == getattr(before, field), field
 
 
+def test_bf16_export_keeps_the_router_in_fp32(deepseek_run: dict, tmp_path: Path) -> None:
+    """--dtype bf16 narrows every weight but those DeepseekV3ForCausalLM keeps in fp32 (its
+    _keep_in_fp32_modules_strict): the router's weight and the expert bias that picks the
+    top-k, written exactly as the checkpoint holds them (fp32 here)."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "bf16"
+    assert convert_in_process("to-hf", deepseek_run["ckpt"], out, "--dtype", "bf16") == 0
+    original = load_file(str(deepseek_run["hf"] / "model.safetensors"))
+    exported = {}
+    for path in sorted(out.glob("*.safetensors")):
+        exported.update(load_file(str(path)))
+    fp32 = sorted(k for k, t in exported.items() if t.dtype == torch.float32)
+    routers = [f"model.layers.{i}.mlp.gate." for i in range(1, LAYERS + 1)]  # MTP's too
+    assert fp32 == sorted(r + n for r in routers for n in ("e_score_correction_bias", "weight"))
+    for key in fp32:
+        assert torch.equal(exported[key], original[key]), key
+    assert {t.dtype for k, t in exported.items() if k not in fp32} == {torch.bfloat16}
+    model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.bfloat16)
+    bias = model.model.layers[1].mlp.gate.e_score_correction_bias
+    assert bias.dtype == torch.float32
+    assert torch.equal(bias, original["model.layers.1.mlp.gate.e_score_correction_bias"])
+
+
 def test_to_trtllm_is_refused(deepseek_run: dict, tmp_path: Path, capsys) -> None:
     assert convert_in_process("to-trtllm", deepseek_run["ckpt"], tmp_path / "trt", "--tp", 1) != 0
     assert "deepseek_v3" in capsys.readouterr().err

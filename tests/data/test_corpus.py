@@ -144,3 +144,38 @@ def test_drop_blank_lists_and_arrow_agree() -> None:
     assert (kept, dropped) == (expected, len(texts) - len(expected))
     kept, dropped = corpus.drop_blank(pa.array(texts))
     assert (kept.to_pylist(), dropped) == (expected, len(texts) - len(expected))
+
+
+def test_spans_cover_the_file_in_whole_lines(tmp_path: Path) -> None:
+    """split_jsonl + iter_span_chunks read every line once, in order, cut at line starts
+    (lines longer than a span included); local line numbers plus the newlines of the spans
+    before give the file's, as renumber_bad_record applies them."""
+    rng = random.Random(2)
+    path = tmp_path / "in.jsonl"
+    for trial in range(60):
+        lines = [b"x" * rng.choice([0, 1, 5, 50, 300, 3000]) for _ in range(rng.randint(0, 40))]
+        data = b"\n".join(lines) + (b"\n" if lines and rng.random() < 0.7 else b"")
+        path.write_bytes(data)
+        span_bytes = rng.choice([1, 7, 100, 1000, 1 << 20])
+        spans = corpus.split_jsonl(path, span_bytes)
+        assert [s for s, _ in spans[1:]] == [e for _, e in spans[:-1]]  # contiguous
+        assert (spans[0][0] if spans else 0) == 0
+        assert (spans[-1][1] if spans else 0) == len(data), trial
+        assert all(s == 0 or data[s - 1 : s] == b"\n" for s, _ in spans), trial
+        assert len(spans) <= -(-len(data) // span_bytes), trial
+        got, lines_before = [], 0
+        for start, end in spans:
+            chunks = list(corpus.iter_span_chunks(path, start, end, rng.choice([1, 3, 1024]), 64))
+            assert b"".join(c.payload for c in chunks) == data[start:end]
+            for chunk in chunks:  # (line number in the file, line)
+                lines_of = chunk.payload.splitlines(keepends=True)
+                got += enumerate(lines_of, chunk.first + lines_before)
+            lines_before += data[start:end].count(b"\n")
+        assert got == list(enumerate(data.splitlines(keepends=True), 1)), trial
+
+
+def test_renumber_bad_record() -> None:
+    message = "/data/a:b.jsonl:3: missing key 'text' (has ['x:1'])"
+    assert corpus.renumber_bad_record(message, "/data/a:b.jsonl", 40) == (
+        "/data/a:b.jsonl:43: missing key 'text' (has ['x:1'])"
+    )

@@ -63,6 +63,38 @@ def test_writer_matches_megatron_core_builder(
         assert all((dataset[i] == doc).all() for i, doc in enumerate(docs))
 
 
+@pytest.mark.parametrize("copy_file_range", [True, False])
+def test_parts_append_to_the_same_bytes(
+    copy_file_range: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Documents written as parts by other writers (as preprocessing workers write spans) and
+    appended in order, empty parts included, give the bytes of one writer; the parts are
+    deleted. The same without os.copy_file_range (the plain copy it falls back to)."""
+    if not copy_file_range:
+        monkeypatch.delattr(os, "copy_file_range", raising=False)
+    docs = random_documents(40, seed=3)
+    whole = write_dataset(tmp_path / "whole", docs)
+    writer = IndexedDatasetWriter(str(tmp_path / "joined.bin"), np.uint16)
+    writer.add_documents(docs[0], np.array([docs[0].size]))  # appended parts follow this
+    for i, part_docs in enumerate((docs[1:15], [], docs[15:16], docs[16:])):
+        part = IndexedDatasetWriter(str(tmp_path / f"part{i}.bin"), np.uint16)
+        if part_docs:
+            lengths = np.array([d.size for d in part_docs])
+            part.add_documents(np.concatenate(part_docs), lengths)
+        part.close()
+        writer.add_part(str(tmp_path / f"part{i}.bin"))
+    assert (writer.num_documents, writer.num_tokens) == (40, sum(d.size for d in docs))
+    writer.finalize(str(tmp_path / "joined.idx"))
+    for ext in (".bin", ".idx"):
+        assert (tmp_path / f"joined{ext}").read_bytes() == Path(f"{whole}{ext}").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "joined.bin",
+        "joined.idx",
+        "whole.bin",
+        "whole.idx",
+    ]
+
+
 @pytest.fixture
 def good_prefix(tmp_path: Path) -> Path:
     return write_dataset(tmp_path / "good", random_documents(30))

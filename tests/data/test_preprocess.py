@@ -432,3 +432,79 @@ def test_several_keys_one_empty(
         "kept)",
     )
     assert list(tmp_path.iterdir()) == [data]  # not the text dataset either
+
+
+def small_spans(tool: ModuleType, monkeypatch: pytest.MonkeyPatch, chunk_bytes: int) -> None:
+    """Chunks of about `chunk_bytes`, so that 2 workers cut a tiny file into many spans."""
+    monkeypatch.setattr(tool, "FAST_CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(tool, "MAX_CHUNK_BYTES", chunk_bytes)
+
+
+def test_spans_of_many_workers_write_the_same_bytes(
+    preprocess_tool: ModuleType,
+    spm_nfkc_model: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """2 workers reading their own spans of two jsonl files (many spans each, two keys, blank
+    documents) write the bytes that 1 worker writes, and no part file is left."""
+    texts = [*TEXTS, "", " \t", "é ｆｕｌｌ ＡＢＣ\x85", *TEXTS[:7]]
+    for name, part in (("a", texts[:30]), ("b", texts[30:])):
+        lines = [json.dumps({"text": t, "title": t[-9:]}) for t in part]
+        write_jsonl(tmp_path / f"{name}.jsonl", lines)
+    small_spans(preprocess_tool, monkeypatch, 300)
+    args = ["--input", str(tmp_path / "*.jsonl"), "--tokenizer", str(spm_nfkc_model)]
+    args += ["--append-eod", "--json-keys", "text", "title"]
+    outputs = {}
+    for workers in (1, 2):
+        prefix = tmp_path / "out" / f"w{workers}"
+        assert (
+            preprocess_tool.main([*args, "--output-prefix", str(prefix), "--workers", str(workers)])
+            == 0
+        )
+        outputs[workers] = [
+            Path(f"{prefix}_{key}_document{ext}").read_bytes()
+            for key in ("text", "title")
+            for ext in (".bin", ".idx")
+        ]
+    assert outputs[2] == outputs[1]
+    assert len(list((tmp_path / "out").iterdir())) == 8  # 2 runs x 2 keys x .bin/.idx
+    files = sorted(tmp_path.glob("*.jsonl"))
+    plan = preprocess_tool.Outputs(str(tmp_path / "p"), ["text"], np.uint16)
+    tasks = list(preprocess_tool.plan_tasks(files, plan, 2, 1 << 40, 300, True))
+    assert len(tasks) >= 5 and all(isinstance(t, preprocess_tool.Span) for t in tasks)
+    tok = load_tokenizer(spm_nfkc_model)
+    assert read_documents(tmp_path / "out" / "w2_text_document") == [
+        tok.tokenize(t) + [tok.eod] for t in texts if t.strip()
+    ]
+
+
+def test_bad_records_in_later_spans_name_their_file_line(
+    preprocess_tool: ModuleType,
+    spm_model: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    """With 2 workers, a bad record read by a worker from the middle of a file is reported
+    at its line in the file (not in the worker's span); skipped ones are printed in order
+    and counted, and a stopped run leaves no part files."""
+    lines = records(TEXTS)
+    for line in (12, 31, 33):  # 1-based, in order: each lands on its line
+        lines.insert(line - 1, '{"text": "unterminated')
+    data = write_jsonl(tmp_path / "in.jsonl", lines)
+    small_spans(preprocess_tool, monkeypatch, 200)
+    out = tmp_path / "out" / "c"
+    args = ["--input", str(data), "--output-prefix", str(out), "--tokenizer", str(spm_model)]
+    args += ["--workers", "2"]
+    code, err = run_main(preprocess_tool, capsys, *args)
+    assert code == 1 and err.startswith(f"error: {data}:12: invalid JSON"), err
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+    assert preprocess_tool.main([*args, "--skip-bad-records"]) == 0
+    captured = capsys.readouterr()
+    skipped = [line.split(": invalid")[0] for line in captured.err.splitlines()]
+    assert skipped == [f"skipped {data}:{n}" for n in (12, 31, 33)]
+    assert "3 bad records skipped" in captured.out
+    tok = load_tokenizer(spm_model)
+    assert read_documents(tmp_path / "out" / "c_text_document") == [tok.tokenize(t) for t in TEXTS]

@@ -18,6 +18,7 @@ from megatron_forge.data.tokenizer import (
     MissingSpecialTokenError,
     SentencePieceTokenizer,
     TokenizerLoadError,
+    _in_document_order,
     load_tokenizer,
 )
 from megatron_forge.errors import DataError
@@ -410,3 +411,23 @@ def test_fast_backends_match_on_the_sample_corpus(
         flat, lengths = tok.tokenize_flat(pa.array(texts))
         assert lengths.tolist() == [len(ids) for ids in expected], path
         assert np.array_equal(flat, np.concatenate([np.asarray(ids) for ids in expected])), path
+
+
+def test_two_groups_of_documents_merge_back_in_order() -> None:
+    """_in_document_order puts the ids of documents encoded in two groups (nmt_nfkc: ASCII
+    documents normalized in Rust, the others by sentencepiece) back in document order,
+    empty documents and single-document runs included."""
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        count = int(rng.integers(1, 30))
+        mask = rng.random(count) < rng.random()
+        docs = [rng.integers(0, 1000, int(rng.integers(0, 5))).astype(np.uint32) for _ in mask]
+
+        groups = []
+        for keep in (True, False):
+            chosen = [d for d, m in zip(docs, mask) if m == keep]
+            flat = np.concatenate(chosen) if chosen else np.zeros(0, np.uint32)
+            groups.append((flat, np.array([d.size for d in chosen], np.int64)))
+        flat, lengths = _in_document_order(mask, *groups)
+        assert lengths.tolist() == [d.size for d in docs]
+        assert flat.dtype == np.uint32 and flat.tolist() == [i for d in docs for i in d]

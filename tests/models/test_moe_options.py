@@ -253,6 +253,71 @@ def test_first_k_dense_replace_sets_the_layer_pattern_and_survives_a_reload() ->
             2,
             r"recompute.num_layers=2 exceeds the 1 layers of the smallest pipeline stage",
         ),
+        (
+            ["model.num_layers=4", "parallel.pipeline=2", "parallel.pipeline_layout=Ett|tL"],
+            2,
+            r"parallel.pipeline_layout='Ett\|tL' places 3 decoder layers \(t\), "
+            r"model.num_layers is 4",
+        ),
+        (
+            ["model.num_layers=4", "parallel.pipeline=2", "parallel.pipeline_layout=Et|t|t|tL"],
+            2,
+            r"has 4 stage groups, but parallel.pipeline=2 x virtual_pipeline=None needs 2; "
+            r"set parallel.virtual_pipeline=2",
+        ),
+        (
+            ["model.num_layers=4", "parallel.pipeline=2", "parallel.pipeline_layout=tEt|ttL"],
+            2,
+            r"the embedding \(E\) must open the first group",
+        ),
+        (
+            ["model.num_layers=4", "parallel.pipeline=2", "parallel.pipeline_layout=Ett|tLt"],
+            2,
+            r"the loss \(L\) must close the last group",
+        ),
+        (
+            ["model.num_layers=4", "parallel.pipeline=2", "parallel.pipeline_layout=Ett|ttmL"],
+            2,
+            r"places 1 MTP layers \(m\), model.mtp_num_layers is None",
+        ),
+        (
+            ["model.num_layers=4", "parallel.pipeline=2", "parallel.pipeline_layout=Ett|tx|L"],
+            2,
+            r"parallel.pipeline_layout='Ett\|tx\|L' cannot be read: .*Invalid layer character",
+        ),
+        (
+            [
+                "model.num_layers=4",
+                "parallel.pipeline=2",
+                "parallel.layers_in_first_stage=1",
+                "parallel.pipeline_layout=Et|tttL",
+            ],
+            2,
+            r"parallel.pipeline_layout places every layer itself: remove "
+            r"parallel.layers_in_first_stage / layers_in_last_stage",
+        ),
+        (
+            ["parallel.pipeline_layout=EttL"],
+            1,
+            r"parallel.pipeline_layout needs parallel.pipeline > 1",
+        ),
+        (
+            [
+                "model.num_layers=3",
+                "parallel.pipeline=2",
+                "parallel.pipeline_layout=Et|ttL",
+                "recompute.granularity=full",
+                "recompute.method=block",
+                "recompute.num_layers=2",
+            ],
+            2,
+            r"recompute.num_layers=2 exceeds the 1 decoder layers of the smallest group",
+        ),
+        (
+            ["recompute.granularity=selective", "recompute.modules=[mla_up_proj]"],
+            1,
+            r"recompute.modules=\[mla_up_proj\] .* needs model.multi_latent_attention=true",
+        ),
     ],
 )
 def test_bad_layouts_are_refused(overrides: list[str], world: int, message: str) -> None:
@@ -290,6 +355,30 @@ def test_good_layouts_pass_and_split_as_megatron_does() -> None:
         1,
         None,
     )
+
+
+def test_pipeline_layout_places_layers_as_megatron_does() -> None:
+    """DeepSeek-V3's layout from Megatron-Bridge's 1,024-GPU recipe: 32 groups over PP 8 x
+    virtual 4; our per-stage layer counts, the memory estimate's stages and megatron-core's
+    own placement (PipelineParallelLayerLayout, through TransformerConfig) agree."""
+    from megatron.core.transformer.enums import LayerType
+
+    from megatron_forge.memory import _stage_layers
+
+    cfg = load_config("configs/deepseek_v3.yaml", [])
+    cfg.validate(1024, cuda_available=True, te_available=True)
+    assert cfg.parallel.layers_per_stage(61) == [7, 8, 8, 8, 8, 8, 8, 6]
+    assert "stages=7+8+8+8+8+8+8+6 " in cfg.describe_layout(1024)
+    stages = _stage_layers(cfg)
+    assert stages[0] == [0, 15, 16, 31, 32, 47, 48] and sorted(sum(stages, [])) == list(range(61))
+    layout = build_transformer_config(cfg).pipeline_model_parallel_layout
+    assert layout.virtual_pipeline_model_parallel_size == 4
+    for rank in range(8):
+        chunks = layout.layout[rank]
+        assert sum(c.count(LayerType.decoder) for c in chunks) == len(stages[rank])
+        first = layout.get_layer_offset(vp_stage=0, pp_rank=rank)
+        assert stages[rank][0] == first
+    assert LayerType.mtp in layout.layout[7][3] and LayerType.loss in layout.layout[7][3]
 
 
 def _megatron_config(cfg):

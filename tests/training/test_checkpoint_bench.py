@@ -1,5 +1,6 @@
-"""tools/bench_checkpoint.py end to end at a tiny size: two ranks save (sync, then async
-twice: the second reuses the cached plan), write the disk baseline and load back."""
+"""tools/bench_checkpoint.py end to end at a tiny size: two ranks save (sync, then async:
+the later saves reuse the cached plan), save again while training, write the disk
+baseline and load back."""
 
 from __future__ import annotations
 
@@ -29,4 +30,6 @@ def test_bench_checkpoint_tiny(tmp_path: Path) -> None:
         assert row[key] > 0, key
     assert row["async_blocked_s"] < row["sync_s"]
     assert len(row["peak_rss_gb"]) == 2 and min(row["peak_rss_gb"]) > 0
+    # an async save while training goes on: steps taken, the memory it took measured
+    assert row["overlap_steps"] >= 1 and len(row["overlap_mem_rise_gb"]) == 2
     assert "DP=2" in proc.stdout and "% of sync" in proc.stdout

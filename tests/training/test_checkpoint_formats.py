@@ -11,7 +11,11 @@ dist_checkpointing, without the training loop:
   ``consumed_samples``) resumes in ours, in either optimizer format;
 - dp_reshardable loads under another data-parallel size (Adam's step count comes back
   and the next step's loss matches the run that did not stop);
-- loading into a scheduler that has run (a rollback) gives the checkpoint's schedule.
+- loading into a scheduler that has run (a rollback) gives the checkpoint's schedule;
+- ``checkpoint.load_mode``: ``no_optim`` (Megatron-LM's --no-load-optim) keeps the
+  iteration, the consumed samples and the RNG with a fresh optimizer and schedule (its next
+  step reads the next batch: the same loss as a full resume); ``finetune`` starts at step
+  0; without the optimizer's state, bf16 main parameters are the loaded weights.
 
 Refusals (an optimizer format that cannot follow a layout change, a padded vocabulary of
 another size) are in test_checkpoint_rules.py; fully_reshardable under TP/PP changes in
@@ -107,7 +111,7 @@ def _megatron_lm_load(trainer: Any, path: Path) -> dict[str, Any]:
     from megatron.core import parallel_state as mpu
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-    from megatron_forge.checkpointing.state import _prepare_optimizer_for_load
+    from megatron_forge.checkpointing.state import prepare_optimizer_for_load
 
     common = dist_checkpointing.load_common_state_dict(str(path))
     args = common["args"]
@@ -124,8 +128,8 @@ def _megatron_lm_load(trainer: Any, path: Path) -> dict[str, Any]:
     model = trainer.model[0].module
     request: dict[str, Any] = {"args": None, "checkpoint_version": 3.0}
     request["model"] = model.sharded_state_dict(metadata=metadata)
-    # (what TE/apex's Adam gives Megatron-LM on GPUs: see state._prepare_optimizer_for_load)
-    _prepare_optimizer_for_load(trainer.optimizer)
+    # (what TE/apex's Adam gives Megatron-LM on GPUs: see state.prepare_optimizer_for_load)
+    prepare_optimizer_for_load(trainer.optimizer)
     request["optimizer"] = trainer.optimizer.sharded_state_dict(
         request, metadata=metadata, is_loading=True
     )
@@ -143,7 +147,9 @@ def _megatron_lm_load(trainer: Any, path: Path) -> dict[str, Any]:
         "make_vocab_size_divisible_by": cfg.make_vocab_size_divisible_by,
     }.items():
         assert getattr(args, name) == value, name
-    assert getattr(args, "add_position_embedding", True) is False  # rope: --no-position-embedding
+    # a RoPE run of Megatron-LM (--position-embedding-type rope) has add_position_embedding
+    # True; without --no-position-embedding (deprecated) it refuses a checkpoint with False
+    assert getattr(args, "add_position_embedding", True) is True
     trainer.optimizer.load_state_dict(state["optimizer"])
     trainer.scheduler.num_steps = 0  # Megatron-LM loads into a fresh scheduler
     trainer.scheduler.load_state_dict(state["opt_param_scheduler"])
@@ -288,9 +294,45 @@ def _two_rank_run(cfg: Config, out: Path) -> dict[str, Any]:
         results[f"ours_{sharding}"] = (state.step, state.consumed_samples)
         results[f"ours_{sharding}_same"] = _same(_optimizer_state(trainer), mine)
         # (into a scheduler that has run, as a rollback does: num_steps must not add up)
-        # (into a scheduler that has run, as a rollback does: num_steps must not add up)
         results[f"ours_{sharding}_scheduler"] = trainer.scheduler.state_dict() == scheduler
+    results.update(_weights_only_loads(cfg, out, dp_path))
     return results
+
+
+def _weights_only_loads(cfg: Config, out: Path, path: Path) -> dict[str, Any]:
+    """Trainers that load ``path`` (step 3, 12 samples) with each load_mode: where they
+    stand, their optimizer, schedule and RNG, and their first step."""
+    import torch
+
+    from megatron_forge.training.optim import lr_curve
+
+    # (bf16 parameters, the default, whose main parameters are separate fp32 copies)
+    assert cfg.precision.params_dtype == "bf16"
+    results: dict[str, Any] = {"fresh_lr": lr_curve(cfg)[0]}
+    for mode in ("full", "no_optim", "finetune"):
+        run = _cfg(cfg, out, mode)
+        run.checkpoint = dataclasses.replace(run.checkpoint, load=str(path.parent), load_mode=mode)
+        trainer = _trainer(run, 2)
+        scheduler_steps = trainer.scheduler.num_steps
+        before = [p.detach().clone() for p in trainer.model[0].module.parameters()]
+        # (the RNG as the trainer leaves it: after the load, its data loaders draw from it)
+        rng = torch.get_rng_state()
+        metrics = trainer.train_step()  # at lr 0 when the schedule starts afresh (warmup)
+        after = list(trainer.model[0].module.parameters())
+        results[mode] = {
+            "start": (trainer.step - 1, trainer.consumed_samples - 4),
+            "adam_state_was_empty": _adam_steps(trainer) == [1.0],
+            "scheduler_steps": scheduler_steps,
+            "lr": metrics["lr"],
+            "loss": metrics["loss"],
+            "rng": rng,
+            "weights_kept": all(torch.equal(a, b) for a, b in zip(before, after)),
+        }
+    return results
+
+
+def _adam_steps(trainer: Any) -> list[float]:
+    return sorted({float(s["step"]) for s in trainer.optimizer.optimizer.state.values()})
 
 
 def test_optimizer_formats_and_megatron_lm_checkpoints(tmp_path: Path) -> None:
@@ -322,3 +364,25 @@ def test_optimizer_formats_and_megatron_lm_checkpoints(tmp_path: Path) -> None:
     for sharding in ("dp_reshardable", "fully_reshardable"):
         assert r0[f"ours_{sharding}"] == (3, 12)  # from args.consumed_train_samples
         assert r0[f"ours_{sharding}_same"] and r0[f"ours_{sharding}_scheduler"], sharding
+
+    # load_mode=no_optim: step 3 and 12 samples kept, RNG restored; a fresh optimizer (Adam
+    # at its first step) and schedule (warmup from the start, as Megatron-LM's); the next
+    # batch gives the loss a full resume gets at step 4
+    import torch
+
+    full, no_optim = r0["full"], r0["no_optim"]
+    assert full["start"] == no_optim["start"] == (3, 12)
+    assert torch.equal(no_optim["rng"], full["rng"])
+    assert no_optim["adam_state_was_empty"] and no_optim["scheduler_steps"] == 0
+    assert not full["adam_state_was_empty"] and full["scheduler_steps"] == 12
+    assert no_optim["lr"] == r0["fresh_lr"]
+    assert no_optim["loss"] == pytest.approx(full["loss"], rel=1e-6)
+    # load_mode=finetune: a new run at step 0 from the same weights (samples 0-3), RNG
+    # from train.seed
+    finetune = r0["finetune"]
+    assert finetune["start"] == (0, 0) and finetune["adam_state_was_empty"]
+    assert finetune["loss"] != pytest.approx(full["loss"], rel=1e-6)
+    assert not torch.equal(finetune["rng"], full["rng"])
+    # the optimizer's fp32 main parameters are the loaded weights, so a step at lr 0 leaves
+    # the bf16 weights as loaded (else they would go back to the initialisation)
+    assert no_optim["weights_kept"] and finetune["weights_kept"]

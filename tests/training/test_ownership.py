@@ -272,6 +272,30 @@ def test_load_iteration_needs_load() -> None:
         load_config(None, ["checkpoint.load=null", "checkpoint.load_iteration=3"])
 
 
+def test_load_modes_and_the_step_a_run_resuming_its_directory_starts_at(tmp_path: Path) -> None:
+    """load_mode=finetune and the older load_optimizer=false start at step 0, so resuming
+    a directory that way would write over its checkpoints (refused); no_optim keeps the
+    step; contradicting spellings and unknown modes are refused naming the field."""
+    finetune = load_config(None, ["checkpoint.load_mode=finetune"]).checkpoint
+    older = load_config(None, ["checkpoint.load_optimizer=false"]).checkpoint
+    no_optim = load_config(None, ["checkpoint.load_mode=no_optim"]).checkpoint
+    assert finetune.resolved_load_mode == older.resolved_load_mode == "finetune"
+    assert no_optim.resolved_load_mode == "no_optim"
+    with pytest.raises(
+        ConfigError, match="load_optimizer=false .* contradicts checkpoint.load_mode"
+    ):
+        load_config(None, ["checkpoint.load_optimizer=false", "checkpoint.load_mode=no_optim"])
+    with pytest.raises(ConfigError, match="checkpoint.load_mode"):
+        load_config(None, ["checkpoint.load_mode=weights"])
+    root = tmp_path / "ckpt"
+    other_run(root, [2, 4], digest="cfg")
+    # (the entry point passes checkpoint.load_optimizer, which finetune sets false)
+    for ck in (finetune, older):
+        with pytest.raises(CheckpointError, match="load_mode=finetune .* starts again from step 0"):
+            plan_claim(root, root, "cfg", load_optimizer=ck.load_optimizer)
+    assert plan_claim(root, root, "cfg", load_optimizer=no_optim.load_optimizer).resumes_from == 4
+
+
 # ---------------------------------------------------------------------------------------
 # Saving: retention, replacing, disk full (the Checkpointer on real files, no model)
 

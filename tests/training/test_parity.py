@@ -70,15 +70,23 @@ LAYOUTS = {
         "configs/tiny_qwen3_moe.yaml",
         {"EP2_PP2_uneven_DP2": ["parallel.expert=2", *UNEVEN_PP2]},
     ),
-    # DeepSeek-V3 the same way: MLA, a dense first layer, a shared expert, sigmoid routing
-    # with expert bias over groups, and the MTP layer (its loss compared too) on the last
-    # stage, which rebuilds the shifted tokens from the labels.
+    # DeepSeek-V3 the same way, its stages placed by a pipeline layout string as in its
+    # published recipe (embedding and the dense layer | two MoE layers, the MTP layer and
+    # the loss): MLA, a shared expert, sigmoid routing with expert bias over groups, and
+    # the MTP loss (compared too) on the last stage, which rebuilds the shifted tokens
+    # from the labels.
     "deepseek_v3": (
         "configs/tiny_deepseek_v3.yaml",
-        {"EP2_PP2_uneven_DP2": ["parallel.expert=2", *UNEVEN_PP2]},
+        {
+            "EP2_PP2_layout_DP2": [
+                "parallel.expert=2",
+                "parallel.pipeline=2",
+                "parallel.pipeline_layout=Et|ttmL",
+            ]
+        },
     ),
 }
-WORLD = {"TP2_PP2": 4, "EP2_PP2_uneven_DP2": 4}
+WORLD = {"TP2_PP2": 4, "EP2_PP2_uneven_DP2": 4, "EP2_PP2_layout_DP2": 4}
 """Ranks of a layout (default 2)."""
 FAMILY_OVERRIDES = {
     # 4 ranks on 2 cores: 6 steps of 8 samples (2 or 4 microbatches per data-parallel

@@ -24,6 +24,9 @@ class DeepseekV3(ModelFamily):
     # vLLM and TensorRT-LLM's PyTorch backend serve DeepseekV3ForCausalLM directories;
     # TensorRT-LLM's engine builder (trtllm-build) has no DeepSeek-V3 model.
     serving = Serving(vllm=True, trtllm=True, trtllm_checkpoint=False)
+    # DeepseekV3ForCausalLM's _keep_in_fp32_modules_strict: the router's weight and the
+    # expert bias that picks the top-k (megatron-core also keeps that bias in fp32).
+    hf_fp32_modules = ("e_score_correction_bias", "gate.weight")
 
     def transformer_fields(self, model: ModelConfig) -> dict[str, Any]:
         return architecture(model)
