@@ -233,6 +233,13 @@ def check_vocab(
     )
 
 
+def loaded_parts(load_mode: str, has_optimizer: bool) -> tuple[bool, bool]:
+    """What a load under ``checkpoint.load_mode`` takes from a checkpoint (with or without
+    optimizer state): (the optimizer and scheduler, the step, samples and RNG)."""
+    with_optimizer = load_mode == "full" and has_optimizer
+    return with_optimizer, with_optimizer or load_mode == "no_optim"
+
+
 def _rng_to_load(
     ckpt_cfg: CheckpointConfig, keeps_progress: bool, saved: SavedCheckpoint, path: Path
 ) -> Optional[str]:
@@ -302,11 +309,10 @@ def load_checkpoint(
     saved = describe_checkpoint(common)
     layout = {**parallel_layout(), "model_chunks": len(model_chunks)}
     check_vocab(saved_rows, _model_vocab_rows(model_chunks), saved, layout, path)
-    mode = ckpt_cfg.resolved_load_mode
-    with_optimizer = mode == "full" and saved.has_optimizer
+    mode = ckpt_cfg.load_mode
+    with_optimizer, keeps_progress = loaded_parts(mode, saved.has_optimizer)
     if with_optimizer:
         check_optimizer_layout(saved, layout, path, root)
-    keeps_progress = with_optimizer or mode == "no_optim"
     rng = _rng_to_load(ckpt_cfg, keeps_progress, saved, path)
     metadata = optimizer_metadata(saved.sharding, saved.content)
     if saved.content is None:  # written without content metadata: its exact keys

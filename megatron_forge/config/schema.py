@@ -1194,8 +1194,11 @@ class CheckpointConfig:
             "run at step 0) contradicts checkpoint.load_mode=no_optim (keep the iteration, "
             "fresh optimizer); remove checkpoint.load_optimizer",
         )
-        if self.load_mode == "finetune":
-            self.load_optimizer = False  # what the code that reads the older field expects
+        # one mode from here on, under either spelling (code that reads the older field
+        # sees the same)
+        if not self.load_optimizer:
+            self.load_mode = "finetune"
+        self.load_optimizer = self.load_mode != "finetune"
         _require(
             self.load_iteration is None or self.load_iteration >= 0,
             f"checkpoint.load_iteration={self.load_iteration} must be >= 0 (or null to load "
@@ -1213,11 +1216,6 @@ class CheckpointConfig:
         _require(
             self.keep_every is None or self.keep_every >= 1, "checkpoint.keep_every must be >= 1"
         )
-
-    @property
-    def resolved_load_mode(self) -> str:
-        """load_mode, with the older load_optimizer=false read as finetune."""
-        return self.load_mode if self.load_optimizer else "finetune"
 
 
 @dataclass

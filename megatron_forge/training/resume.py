@@ -28,7 +28,11 @@ from typing import Any, Optional
 
 from megatron_forge.checkpointing import iteration_dir, iteration_to_load
 from megatron_forge.checkpointing.files import load_common_state
-from megatron_forge.checkpointing.loader import describe_checkpoint, scheduler_state
+from megatron_forge.checkpointing.loader import (
+    describe_checkpoint,
+    loaded_parts,
+    scheduler_state,
+)
 from megatron_forge.config import Config, ExportConfig
 from megatron_forge.errors import ConfigError
 from megatron_forge.utils import is_rank0
@@ -123,9 +127,9 @@ def check_resume(cfg: Config, scheduler: Any) -> Optional[int]:
     path = iteration_dir(root, iteration)
     common = load_common_state(path)  # with the allowlist, as the load that follows
     inherit_export(cfg, common)
-    mode = cfg.checkpoint.resolved_load_mode
-    with_optimizer = mode == "full" and describe_checkpoint(common).has_optimizer
-    if not (with_optimizer or mode == "no_optim"):
+    has_optimizer = describe_checkpoint(common).has_optimizer
+    with_optimizer, keeps_progress = loaded_parts(cfg.checkpoint.load_mode, has_optimizer)
+    if not keeps_progress:
         return None  # weights only: a new run, with its own schedule from step 0
     t = cfg.train
     step = int(common["iteration"])

@@ -279,8 +279,8 @@ def test_load_modes_and_the_step_a_run_resuming_its_directory_starts_at(tmp_path
     finetune = load_config(None, ["checkpoint.load_mode=finetune"]).checkpoint
     older = load_config(None, ["checkpoint.load_optimizer=false"]).checkpoint
     no_optim = load_config(None, ["checkpoint.load_mode=no_optim"]).checkpoint
-    assert finetune.resolved_load_mode == older.resolved_load_mode == "finetune"
-    assert no_optim.resolved_load_mode == "no_optim"
+    assert finetune.load_mode == older.load_mode == "finetune"
+    assert no_optim.load_mode == "no_optim"
     with pytest.raises(
         ConfigError, match="load_optimizer=false .* contradicts checkpoint.load_mode"
     ):
